@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Export a tch-mix parity fixture (format ``tch-mix-fixture/1``) from a swak mixer.
+
+As a library::
+
+    from export_fixture import export_fixture
+    export_fixture(model.mix, batch, "mix.safetensors", mask=None)
+
+From the command line, the mixer is rebuilt from its hyper-parameters and loaded (strictly) with
+trained weights, e.g. the mixer ``mix`` inside a model saved with ``torch.save(model.state_dict())``::
+
+    export_fixture.py --mixer instance --mod-dim 16 --n-features 4 --weights model.pt --prefix mix \
+        --input batch.pt --out mix.safetensors
+
+The fixture holds ``state.<key>`` for every ``state_dict()`` entry, ``input``, optional ``mask``,
+``output`` (eval forward), ``importance`` and, unless ``--no-gradients``, ``cotangent``,
+``grad.input`` and ``grad.state.<key>``: the gradients of ``(output * cotangent).sum()``.
+Outputs are computed with autograd enabled, which keeps PyTorch's attention on its regular
+(SDPA) path rather than the inference fast path.
+"""
+import argparse
+import importlib.metadata
+
+import torch
+from safetensors.torch import save_file
+from swak.pt.mix import (
+    CrossAttentionMixer,
+    GlobalWeightsMixer,
+    InstanceWeightsMixer,
+    SelfAttentionMixer,
+)
+
+FORMAT = "tch-mix-fixture/1"
+MIXERS = {
+    GlobalWeightsMixer: "global",
+    InstanceWeightsMixer: "instance",
+    CrossAttentionMixer: "cross",
+    SelfAttentionMixer: "self",
+}
+DTYPES = {
+    torch.float64: "float64",
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
+
+
+def metadata(mixer) -> dict[str, str]:
+    """The fixture's ``__metadata__`` describing a swak mixer."""
+    name = MIXERS[type(mixer)]
+    meta = {
+        "format": FORMAT,
+        "mixer": name,
+        "mod_dim": str(mixer.mod_dim),
+        "dropout": str(float(mixer.dropout)),
+        "skip": str(bool(mixer.skip)).lower(),
+        "keep_dim": str(bool(mixer.keep_dim)).lower(),
+        "dtype": DTYPES[mixer.dtype],
+        "torch_version": torch.__version__,
+        "swak_version": importlib.metadata.version("swak"),
+    }
+    if name in ("global", "instance"):
+        meta["n_features"] = str(mixer.n_features)
+    if name != "global":
+        meta["bias"] = str(bool(mixer.bias)).lower()
+    if name in ("cross", "self"):
+        meta["n_heads"] = str(mixer.n_heads)
+    return meta
+
+
+def export_fixture(mixer, inp, path, mask=None, gradients=True, seed=0):
+    """Run ``mixer`` (in eval mode) on ``inp`` and write everything tch-mix compares to ``path``."""
+    mixer.eval()
+    tensors = {f"state.{k}": v.detach().clone().contiguous() for k, v in mixer.state_dict().items()}
+    inp = inp.detach().to(device=mixer.device, dtype=mixer.dtype)
+    tensors["input"] = inp.clone().contiguous()
+    if mask is not None:
+        tensors["mask"] = mask.detach().clone().contiguous()
+    with torch.enable_grad():
+        x = inp.clone().requires_grad_(gradients)
+        mixer.zero_grad(set_to_none=True)
+        output = mixer(x, mask)
+        tensors["output"] = output.detach().clone().contiguous()
+        if gradients:
+            generator = torch.Generator().manual_seed(seed)
+            cotangent = torch.randn(output.shape, generator=generator).to(output.dtype)
+            (output * cotangent).sum().backward()
+            tensors["cotangent"] = cotangent.contiguous()
+            tensors["grad.input"] = grad_or_zeros(x)
+            for key, parameter in mixer.named_parameters():
+                tensors[f"grad.state.{key}"] = grad_or_zeros(parameter)
+    with torch.no_grad():
+        tensors["importance"] = mixer.importance(inp, mask).detach().clone().contiguous()
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata=metadata(mixer))
+
+
+def grad_or_zeros(tensor):
+    """The gradient of a leaf, zeros where it took no part in the loss."""
+    grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
+    return grad.detach().clone().contiguous()
+
+
+def build_mixer(args):
+    """A swak mixer from command-line hyper-parameters."""
+    dtype = {v: k for k, v in DTYPES.items()}[args.dtype]
+    common = dict(dropout=args.dropout, skip=args.skip, keep_dim=args.keep_dim, dtype=dtype)
+    if args.mixer == "global":
+        return GlobalWeightsMixer(args.mod_dim, args.n_features, **common)
+    if args.mixer == "instance":
+        return InstanceWeightsMixer(args.mod_dim, args.n_features, bias=args.bias, **common)
+    cls = CrossAttentionMixer if args.mixer == "cross" else SelfAttentionMixer
+    return cls(args.mod_dim, args.n_heads, bias=args.bias, **common)
+
+
+def load_tensor(path, name):
+    """A tensor from a ``torch.save`` file or the entry ``name`` of a safetensors file."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(str(path))[name]
+    return torch.load(path, weights_only=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mixer", required=True, choices=["global", "instance", "cross", "self"])
+    parser.add_argument("--mod-dim", type=int, required=True)
+    parser.add_argument("--n-features", type=int, default=0, help="global and instance")
+    parser.add_argument("--n-heads", type=int, default=1, help="cross and self")
+    parser.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--skip", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--keep-dim", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--dtype", choices=list(DTYPES.values()), default="float32")
+    parser.add_argument("--weights", help="state dict (torch.save or safetensors) to load strictly")
+    parser.add_argument("--prefix", default="", help="the mixer's attribute path in the saved model")
+    parser.add_argument("--input", required=True, help="input tensor (torch.save, or 'input' in safetensors)")
+    parser.add_argument("--mask", help="padding mask (torch.save, or 'mask' in safetensors)")
+    parser.add_argument("--no-gradients", action="store_true")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    mixer = build_mixer(args)
+    if args.weights:
+        state = (load_tensor_file(args.weights))
+        if args.prefix:
+            dotted = args.prefix + "."
+            state = {k[len(dotted):]: v for k, v in state.items() if k.startswith(dotted)}
+        mixer.load_state_dict(state, strict=True)
+    mask = load_tensor(args.mask, "mask") if args.mask else None
+    export_fixture(mixer, load_tensor(args.input, "input"), args.out, mask, not args.no_gradients)
+    print(f"wrote {args.out}")
+
+
+def load_tensor_file(path):
+    """A whole state dict from a ``torch.save`` or safetensors file."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    return torch.load(path, weights_only=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+//! `tch-mix`: parity checks of swak fixtures and benchmarks, on top of the tch-mix library.
+//!
+//! ```text
+//! tch-mix check [--device cpu|cuda[:N]] [--out DIR] FIXTURE_OR_DIR...
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tch::Device;
+use tch_mix::fixture::Fixture;
+
+const USAGE: &str = "usage:
+  tch-mix check [--device cpu|cuda[:N]] [--out DIR] FIXTURE_OR_DIR...
+      Checks tch-mix against tch-mix-fixture/1 files written by swak; a directory stands for the
+      *.safetensors files in it. Exits 0 only if every fixture passes. --out DIR writes what
+      tch-mix computed to DIR/<fixture file name>.";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("check") => check(&args[1..]),
+        Some("-h" | "--help") => {
+            println!("{USAGE}");
+            Ok(true)
+        }
+        _ => Err(anyhow!("{USAGE}")),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("tch-mix: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N`, refusing CUDA where none is available.
+fn parse_device(text: &str) -> Result<Device> {
+    let device = match text {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        _ => match text.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(index)) => Device::Cuda(index),
+            _ => bail!("--device: expected cpu, cuda or cuda:N, got {text:?}"),
+        },
+    };
+    if let Device::Cuda(index) = device {
+        let count = tch::Cuda::device_count();
+        if index as i64 >= count {
+            bail!("--device {text}: this machine has {count} CUDA device(s)");
+        }
+    }
+    Ok(device)
+}
+
+/// Expands directories into the `*.safetensors` files they hold, sorted.
+fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let entries = std::fs::read_dir(path).with_context(|| format!("{}", path.display()))?;
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    Ok(files)
+}
+
+fn check(args: &[String]) -> Result<bool> {
+    let mut device = Device::Cpu;
+    let mut out: Option<PathBuf> = None;
+    let mut paths = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--device" => device = parse_device(args.next().context("--device needs a value")?)?,
+            "--out" => out = Some(PathBuf::from(args.next().context("--out needs a value")?)),
+            flag if flag.starts_with("--") => bail!("unknown option {flag}\n{USAGE}"),
+            path => paths.push(PathBuf::from(path)),
+        }
+    }
+    let files = expand(&paths)?;
+    if files.is_empty() {
+        bail!("no fixture given\n{USAGE}");
+    }
+    if let Some(out) = &out {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    }
+    let (mut passed, mut failed) = (0, 0);
+    for file in &files {
+        let name = file.file_name().map_or_else(|| file.display().to_string(), |n| n.to_string_lossy().into());
+        match check_one(file, device, out.as_deref()) {
+            Ok(row) => {
+                println!("{name:<64} {row}");
+                if row.ends_with("PASS") {
+                    passed += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+            Err(err) => {
+                println!("{name:<64} ERROR {err:#}");
+                failed += 1;
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    Ok(failed == 0)
+}
+
+/// Checks one fixture and returns its table row.
+fn check_one(file: &Path, device: Device, out: Option<&Path>) -> Result<String> {
+    let fixture = Fixture::read(file)?;
+    let report = fixture.check(device)?;
+    if let (Some(out), Some(name)) = (out, file.file_name()) {
+        report.write(&out.join(name))?;
+    }
+    let worst = report.worst().context("nothing compared")?;
+    let max_rel = report.comparisons.iter().map(|c| c.max_rel).fold(0.0, f64::max);
+    let failures: Vec<&str> = report.comparisons.iter().filter(|c| !c.passed).map(|c| c.name.as_str()).collect();
+    let verdict = if failures.is_empty() { "PASS".to_string() } else { format!("[{}] FAIL", failures.join(",")) };
+    Ok(format!(
+        "{:<8} {:<8} max_abs={:.2e} ({}) max_rel={:.2e} {verdict}",
+        report.mixer, report.dtype, worst.max_abs, worst.name, max_rel
+    ))
+}

@@ -1,0 +1,105 @@
+//! The one error type of tch-mix.
+
+use tch::TchError;
+
+/// Everything that can go wrong in tch-mix, each message naming what was expected and what came.
+#[derive(Debug, thiserror::Error)]
+pub enum MixError {
+    /// A hyper-parameter that no mixer can be built with (dropout outside `[0, 1)`, zero heads, ...).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// An input or mask tensor of the wrong shape.
+    #[error("{what}: expected shape {expected}, got {got:?}")]
+    Shape {
+        /// Which tensor, e.g. "input" or "mask".
+        what: &'static str,
+        /// The expected shape, in words, e.g. `(..., 3, 8)`.
+        expected: String,
+        /// The shape that came.
+        got: Vec<i64>,
+    },
+
+    /// A tensor whose element type differs from what the mixer needs.
+    #[error("{what}: expected dtype {expected}, got {got:?}")]
+    Kind {
+        /// Which tensor.
+        what: &'static str,
+        /// The expected dtype(s), in words.
+        expected: String,
+        /// The dtype that came.
+        got: tch::Kind,
+    },
+
+    /// A tensor on another device than the mixer's weights.
+    #[error("{what}: expected device {expected:?}, got {got:?}")]
+    Device {
+        /// Which tensor.
+        what: &'static str,
+        /// The mixer's device.
+        expected: tch::Device,
+        /// The tensor's device.
+        got: tch::Device,
+    },
+
+    /// Creating a variable whose name is already taken on the VarStore path
+    /// (tch would silently rename it to `name__N`).
+    #[error("variable {0:?} already exists in the VarStore; build each mixer on its own path")]
+    DuplicateVariable(String),
+
+    /// A strict load found keys or shapes that do not match, all of them listed.
+    #[error("strict load failed:{}", strict_report(.missing, .unexpected, .mismatched))]
+    StrictLoad {
+        /// Variables of the module that the weights lack.
+        missing: Vec<String>,
+        /// Weights that no variable of the module takes.
+        unexpected: Vec<String>,
+        /// `(key, expected shape, shape in the file)` for every shape mismatch.
+        mismatched: Vec<(String, Vec<i64>, Vec<i64>)>,
+    },
+
+    /// A weight file or fixture that cannot be read: truncated, not a checkpoint, or holding
+    /// something other than a state dict.
+    #[error("{path}: {reason}")]
+    Format {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The file system refused.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// libtorch refused an operation.
+    #[error(transparent)]
+    Torch(#[from] TchError),
+}
+
+fn strict_report(
+    missing: &[String],
+    unexpected: &[String],
+    mismatched: &[(String, Vec<i64>, Vec<i64>)],
+) -> String {
+    let mut report = String::new();
+    if !missing.is_empty() {
+        report += &format!(" missing keys {missing:?};");
+    }
+    if !unexpected.is_empty() {
+        report += &format!(" unexpected keys {unexpected:?};");
+    }
+    for (key, expected, got) in mismatched {
+        report += &format!(" shape mismatch for {key}: expected {expected:?}, got {got:?};");
+    }
+    report.pop();
+    report
+}
+
+/// Shorthand for results of tch-mix.
+pub type Result<T> = std::result::Result<T, MixError>;

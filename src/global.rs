@@ -1,0 +1,163 @@
+//! [`GlobalWeightsMixer`]: one learned set of softmax weights shared by all instances.
+
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::error::Result;
+use crate::mixer::{self, Mixer};
+
+/// Hyper-parameters of a [`GlobalWeightsMixer`], named as in swak.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GlobalWeightsConfig {
+    /// Dropout on the mixed output in training mode, in `[0, 1)`. Default 0.
+    pub dropout: f64,
+    /// Add the mean of the features to the mix (a residual connection). Default `true`.
+    pub skip: bool,
+    /// Keep the feature dimension as size 1 instead of squeezing it. Default `false`.
+    pub keep_dim: bool,
+}
+
+impl Default for GlobalWeightsConfig {
+    fn default() -> Self {
+        Self { dropout: 0.0, skip: true, keep_dim: false }
+    }
+}
+
+/// Combines stacked feature vectors through a learned linear combination whose coefficients,
+/// after a softmax, are shared across all instances (swak's `GlobalWeightsMixer`).
+///
+/// `importance = softmax(coeffs)`, broadcast over the leading dimensions;
+/// `forward = dropout(importance @ inp) (+ inp.mean(-2) with skip)`.
+///
+/// # Shapes
+/// - input `(..., n_features, mod_dim)`, any number of leading dimensions;
+/// - output `(..., mod_dim)`, or `(..., 1, mod_dim)` with `keep_dim`;
+/// - importance `(..., n_features)`.
+///
+/// Unlike swak, which ignores `mod_dim` here, the input's last dimension is checked against it.
+///
+/// ```no_run
+/// use tch::{nn, Device, Kind, Tensor};
+/// use tch_mix::{GlobalWeightsConfig, GlobalWeightsMixer, Mixer};
+///
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let mix = GlobalWeightsMixer::new(&(vs.root() / "mix"), 8, 3, GlobalWeightsConfig::default())?;
+/// let inp = Tensor::randn([5, 3, 8], (Kind::Float, Device::Cpu));
+/// assert_eq!(mix.f_forward_t(&inp, None, false)?.size(), [5, 8]);
+/// assert_eq!(mix.f_importance(&inp, None)?.size(), [5, 3]);
+/// # Ok::<(), tch_mix::MixError>(())
+/// ```
+#[derive(Debug)]
+pub struct GlobalWeightsMixer {
+    /// The raw mixing coefficients, `(n_features,)`; state-dict key `coeffs`. Ones at init.
+    pub coeffs: Tensor,
+    mod_dim: i64,
+    n_features: i64,
+    config: GlobalWeightsConfig,
+}
+
+impl GlobalWeightsMixer {
+    /// Creates the mixer with its variable `coeffs` under `path`, in the VarStore's dtype and
+    /// device.
+    pub fn new(
+        path: &nn::Path,
+        mod_dim: i64,
+        n_features: i64,
+        config: GlobalWeightsConfig,
+    ) -> Result<Self> {
+        Self::build(path, mod_dim, n_features, config, path.kind(), path.device())
+    }
+
+    fn build(
+        path: &nn::Path,
+        mod_dim: i64,
+        n_features: i64,
+        config: GlobalWeightsConfig,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
+        mixer::check_size("mod_dim", mod_dim, 1)?;
+        mixer::check_size("n_features", n_features, 0)?;
+        mixer::check_dropout(config.dropout)?;
+        let ones = Tensor::f_ones([n_features], (kind, device))?;
+        let coeffs = mixer::add_variable(path, "coeffs", ones)?;
+        Ok(Self { coeffs, mod_dim, n_features, config })
+    }
+
+    /// The number of features mixed, the input's next-to-last dimension.
+    pub fn n_features(&self) -> i64 {
+        self.n_features
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> GlobalWeightsConfig {
+        self.config
+    }
+
+    fn check(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<()> {
+        mixer::check_input(inp, self.mod_dim, Some(self.n_features), self.kind(), self.device())?;
+        mixer::check_mask(mask, inp)
+    }
+
+    fn weights(&self, inp: &Tensor) -> Result<Tensor> {
+        // Softmax after the broadcast, as swak does, so that gradients sum in the same order.
+        let leading = inp.size();
+        let coeffs = self.coeffs.f_expand(&leading[..leading.len() - 1], false)?;
+        Ok(coeffs.f_softmax(-1, None::<Kind>)?)
+    }
+}
+
+impl Mixer for GlobalWeightsMixer {
+    fn mod_dim(&self) -> i64 {
+        self.mod_dim
+    }
+
+    fn device(&self) -> Device {
+        self.coeffs.device()
+    }
+
+    fn kind(&self) -> Kind {
+        self.coeffs.kind()
+    }
+
+    fn skip(&self) -> bool {
+        self.config.skip
+    }
+
+    fn keep_dim(&self) -> bool {
+        self.config.keep_dim
+    }
+
+    fn dropout(&self) -> f64 {
+        self.config.dropout
+    }
+
+    fn f_forward_t(&self, inp: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        self.check(inp, mask)?;
+        if self.n_features == 0 {
+            return mixer::without_features(inp, self.config.keep_dim);
+        }
+        let mixed = mixer::weighted_sum(&self.weights(inp)?, inp)?;
+        let GlobalWeightsConfig { dropout, skip, keep_dim } = self.config;
+        mixer::finish(mixed, inp, dropout, skip, keep_dim, train)
+    }
+
+    fn f_importance(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        self.check(inp, mask)?;
+        self.weights(inp)
+    }
+
+    fn reset_parameters(&mut self) -> Result<()> {
+        let _ = tch::no_grad(|| self.coeffs.f_fill_(1.0))?;
+        Ok(())
+    }
+
+    fn variables(&self) -> Vec<(&'static str, Tensor)> {
+        vec![("coeffs", self.coeffs.shallow_clone())]
+    }
+
+    fn fresh(&self, path: &nn::Path) -> Result<Self> {
+        Self::build(path, self.mod_dim, self.n_features, self.config, self.kind(), self.device())
+    }
+}
+
+mixer::impl_module_t!(GlobalWeightsMixer);

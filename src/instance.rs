@@ -1,0 +1,175 @@
+//! [`InstanceWeightsMixer`]: per-instance softmax weights from a linear projection of all features.
+
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::error::Result;
+use crate::mixer::{self, Mixer};
+
+/// Hyper-parameters of an [`InstanceWeightsMixer`], named as in swak.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InstanceWeightsConfig {
+    /// Learn a bias in the projection. Default `true`.
+    pub bias: bool,
+    /// Dropout on the mixed output in training mode, in `[0, 1)`. Default 0.
+    pub dropout: f64,
+    /// Add the mean of the features to the mix (a residual connection). Default `true`.
+    pub skip: bool,
+    /// Keep the feature dimension as size 1 instead of squeezing it. Default `false`.
+    pub keep_dim: bool,
+}
+
+impl Default for InstanceWeightsConfig {
+    fn default() -> Self {
+        Self { bias: true, dropout: 0.0, skip: true, keep_dim: false }
+    }
+}
+
+/// Combines stacked feature vectors by a per-instance linear combination (swak's
+/// `InstanceWeightsMixer`): all features are concatenated, projected by a `Linear` layer down to
+/// one score per feature, and turned into weights by a softmax.
+///
+/// `importance = softmax(project(inp.flatten(-2)))`;
+/// `forward = dropout(importance @ inp) (+ inp.mean(-2) with skip)`.
+///
+/// # Shapes
+/// - input `(..., n_features, mod_dim)`, any number of leading dimensions;
+/// - output `(..., mod_dim)`, or `(..., 1, mod_dim)` with `keep_dim`;
+/// - importance `(..., n_features)`.
+///
+/// ```no_run
+/// use tch::{nn, Device, Kind, Tensor};
+/// use tch_mix::{InstanceWeightsConfig, InstanceWeightsMixer, Mixer};
+///
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let config = InstanceWeightsConfig { skip: false, ..Default::default() };
+/// let mix = InstanceWeightsMixer::new(&(vs.root() / "mix"), 8, 3, config)?;
+/// let inp = Tensor::randn([5, 3, 8], (Kind::Float, Device::Cpu));
+/// assert_eq!(mix.f_forward_t(&inp, None, false)?.size(), [5, 8]);
+/// # Ok::<(), tch_mix::MixError>(())
+/// ```
+#[derive(Debug)]
+pub struct InstanceWeightsMixer {
+    /// Projection weight, `(n_features, n_features * mod_dim)`; key `project.weight`.
+    pub weight: Tensor,
+    /// Projection bias, `(n_features,)`; key `project.bias`. `None` without `bias`.
+    pub bias: Option<Tensor>,
+    mod_dim: i64,
+    n_features: i64,
+    config: InstanceWeightsConfig,
+}
+
+impl InstanceWeightsMixer {
+    /// Creates the mixer with its variables `project.weight` (and `project.bias`) under `path`,
+    /// in the VarStore's dtype and device, initialised like PyTorch's `nn.Linear`.
+    pub fn new(
+        path: &nn::Path,
+        mod_dim: i64,
+        n_features: i64,
+        config: InstanceWeightsConfig,
+    ) -> Result<Self> {
+        Self::build(path, mod_dim, n_features, config, path.kind(), path.device())
+    }
+
+    fn build(
+        path: &nn::Path,
+        mod_dim: i64,
+        n_features: i64,
+        config: InstanceWeightsConfig,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
+        mixer::check_size("mod_dim", mod_dim, 1)?;
+        mixer::check_size("n_features", n_features, 0)?;
+        mixer::check_dropout(config.dropout)?;
+        let project = path / "project";
+        let options = (kind, device);
+        let weight = Tensor::f_empty([n_features, n_features * mod_dim], options)?;
+        let weight = mixer::add_variable(&project, "weight", weight)?;
+        let bias = match config.bias {
+            true => Some(mixer::add_variable(&project, "bias", Tensor::f_empty([n_features], options)?)?),
+            false => None,
+        };
+        let mut mix = Self { weight, bias, mod_dim, n_features, config };
+        mix.reset_parameters()?;
+        Ok(mix)
+    }
+
+    /// The number of features mixed, the input's next-to-last dimension.
+    pub fn n_features(&self) -> i64 {
+        self.n_features
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> InstanceWeightsConfig {
+        self.config
+    }
+
+    fn check(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<()> {
+        mixer::check_input(inp, self.mod_dim, Some(self.n_features), self.kind(), self.device())?;
+        mixer::check_mask(mask, inp)
+    }
+
+    fn weights(&self, inp: &Tensor) -> Result<Tensor> {
+        let scores = inp.f_flatten(-2, -1)?.f_linear(&self.weight, self.bias.as_ref())?;
+        Ok(scores.f_softmax(-1, None::<Kind>)?)
+    }
+}
+
+impl Mixer for InstanceWeightsMixer {
+    fn mod_dim(&self) -> i64 {
+        self.mod_dim
+    }
+
+    fn device(&self) -> Device {
+        self.weight.device()
+    }
+
+    fn kind(&self) -> Kind {
+        self.weight.kind()
+    }
+
+    fn skip(&self) -> bool {
+        self.config.skip
+    }
+
+    fn keep_dim(&self) -> bool {
+        self.config.keep_dim
+    }
+
+    fn dropout(&self) -> f64 {
+        self.config.dropout
+    }
+
+    fn f_forward_t(&self, inp: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        self.check(inp, mask)?;
+        if self.n_features == 0 {
+            return mixer::without_features(inp, self.config.keep_dim);
+        }
+        let mixed = mixer::weighted_sum(&self.weights(inp)?, inp)?;
+        let InstanceWeightsConfig { dropout, skip, keep_dim, .. } = self.config;
+        mixer::finish(mixed, inp, dropout, skip, keep_dim, train)
+    }
+
+    fn f_importance(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        self.check(inp, mask)?;
+        self.weights(inp)
+    }
+
+    fn reset_parameters(&mut self) -> Result<()> {
+        mixer::init_linear(&mut self.weight, self.bias.as_mut())
+    }
+
+    fn variables(&self) -> Vec<(&'static str, Tensor)> {
+        let mut variables = vec![("project.weight", self.weight.shallow_clone())];
+        if let Some(bias) = &self.bias {
+            variables.push(("project.bias", bias.shallow_clone()));
+        }
+        variables
+    }
+
+    fn fresh(&self, path: &nn::Path) -> Result<Self> {
+        Self::build(path, self.mod_dim, self.n_features, self.config, self.kind(), self.device())
+    }
+}
+
+mixer::impl_module_t!(InstanceWeightsMixer);

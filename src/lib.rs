@@ -1,0 +1,41 @@
+//! # tch-mix
+//!
+//! The feature mixers of the Python library [swak](https://pypi.org/project/swak/)
+//! (`swak.pt.mix`, version 1.2.0) on top of tch-rs, at numerical parity with swak, loading the
+//! weights of models trained in PyTorch.
+//!
+//! A mixer combines stacked feature vectors `(..., n_features, mod_dim)` into one vector
+//! `(..., mod_dim)` per instance, and tells how much each feature weighed in the mix
+//! ([`Mixer::f_importance`]).
+//!
+//! | mixer | swak class | weights (`state_dict` keys) |
+//! |---|---|---|
+//! | [`GlobalWeightsMixer`] | `GlobalWeightsMixer` | `coeffs` |
+//! | [`InstanceWeightsMixer`] | `InstanceWeightsMixer` | `project.weight`, `project.bias` |
+//!
+//! ```no_run
+//! use tch::{nn, Device, Kind, Tensor};
+//! use tch_mix::{InstanceWeightsConfig, InstanceWeightsMixer, Mixer, StateDict};
+//!
+//! let vs = nn::VarStore::new(Device::Cpu);
+//! let mix = InstanceWeightsMixer::new(&(vs.root() / "mix"), 16, 4, Default::default())?;
+//! // Weights of a PyTorch model whose mixer attribute is `mix`, saved with torch.save.
+//! mix.load_state(&StateDict::from_file("model.pt")?.sub("mix"))?;
+//! let inp = Tensor::randn([32, 4, 16], (Kind::Float, Device::Cpu));
+//! let mixed = tch::no_grad(|| mix.f_forward_t(&inp, None, false))?; // (32, 16)
+//! let importance = tch::no_grad(|| mix.f_importance(&inp, None))?; // (32, 4)
+//! # Ok::<(), tch_mix::MixError>(())
+//! ```
+
+pub mod checkpoint;
+mod error;
+pub mod fixture;
+mod global;
+mod instance;
+mod mixer;
+
+pub use checkpoint::{load_var_store, StateDict};
+pub use error::{MixError, Result};
+pub use global::{GlobalWeightsConfig, GlobalWeightsMixer};
+pub use instance::{InstanceWeightsConfig, InstanceWeightsMixer};
+pub use mixer::Mixer;

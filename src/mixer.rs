@@ -1,0 +1,219 @@
+//! The [`Mixer`] trait (swak's `Mixer`/`Block`) and the pieces every mixer shares: input and mask
+//! validation, variable creation, and the common tail of a forward pass (dropout, skip, keep_dim).
+
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::checkpoint::{self, StateDict};
+use crate::error::{MixError, Result};
+
+/// A module that combines stacked feature vectors `(..., n_features, mod_dim)` into `(..., mod_dim)`.
+///
+/// Mirrors swak's `Mixer` (and its base `Block`). All four mixers of tch-mix implement it, so they
+/// can be swapped for one another, boxed as `Box<dyn Mixer>`, and checked against fixtures alike.
+pub trait Mixer: std::fmt::Debug + Send {
+    /// The size of each feature vector, the last dimension of the input.
+    fn mod_dim(&self) -> i64;
+
+    /// The device all weights reside on (swak's `device`).
+    fn device(&self) -> Device;
+
+    /// The element type of all weights (swak's `dtype`).
+    fn kind(&self) -> Kind;
+
+    /// Whether the mean of the features is added to the mixed output (swak's `skip`).
+    fn skip(&self) -> bool;
+
+    /// Whether the feature dimension is kept as size 1 in the output (swak's `keep_dim`).
+    fn keep_dim(&self) -> bool;
+
+    /// The dropout probability applied in training mode (swak's `dropout`).
+    fn dropout(&self) -> f64;
+
+    /// Mixes the features of `inp`.
+    ///
+    /// `mask` is a padding mask (bool: `true` = ignore that feature; float: added to the attention
+    /// scores). The weight mixers check its shape and otherwise ignore it, as swak does.
+    /// `train` turns dropout on.
+    ///
+    /// # Shapes
+    /// - `inp`: `(..., n_features, mod_dim)`, at least 2-D.
+    /// - `mask`: `(..., n_features)`, the input's shape without its last dimension.
+    /// - returns `(..., mod_dim)`, or `(..., 1, mod_dim)` with `keep_dim`.
+    fn f_forward_t(&self, inp: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor>;
+
+    /// Per-instance importance of each feature: the weights of the mix (swak's `importance`).
+    ///
+    /// # Shapes
+    /// - `inp`: `(..., n_features, mod_dim)`, `mask`: `(..., n_features)`.
+    /// - returns `(..., n_features)`.
+    fn f_importance(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor>;
+
+    /// Re-initialises every weight in place with swak's (PyTorch's) initial distributions.
+    fn reset_parameters(&mut self) -> Result<()>;
+
+    /// The weights under their PyTorch `state_dict` keys, relative to the mixer
+    /// (`coeffs`, `project.weight`, `attention.in_proj_weight`, ...), in `state_dict` order.
+    fn variables(&self) -> Vec<(&'static str, Tensor)>;
+
+    /// A fresh, re-initialised mixer with identical hyper-parameters, device and dtype, whose
+    /// variables are created on `path` (swak's `new()`).
+    fn fresh(&self, path: &nn::Path) -> Result<Self>
+    where
+        Self: Sized;
+
+    /// Copies PyTorch-trained weights into the mixer, strictly like
+    /// `load_state_dict(strict=True)`: `state`'s keys must be exactly [`Mixer::variables`]' keys,
+    /// with the same shapes; values are converted to the mixer's dtype and device. For a mixer
+    /// inside a bigger model, pass `state.sub("mix")`.
+    fn load_state(&self, state: &StateDict) -> Result<()> {
+        let targets = self.variables().into_iter().map(|(key, t)| (key.to_string(), t)).collect();
+        checkpoint::copy_strict(targets, state)
+    }
+}
+
+/// Checks a dropout probability: swak's `nn.Dropout` takes `[0, 1]`, but `p = 1` zeroes the mix.
+pub(crate) fn check_dropout(dropout: f64) -> Result<()> {
+    if (0.0..1.0).contains(&dropout) {
+        Ok(())
+    } else {
+        Err(MixError::Config(format!("dropout must lie in [0, 1), got {dropout}")))
+    }
+}
+
+/// Checks a size given at construction.
+pub(crate) fn check_size(name: &str, value: i64, min: i64) -> Result<()> {
+    if value >= min {
+        Ok(())
+    } else {
+        Err(MixError::Config(format!("{name} must be at least {min}, got {value}")))
+    }
+}
+
+/// Checks that `inp` is a `(..., n_features, mod_dim)` tensor of the mixer's dtype and device.
+/// `n_features` is `None` for the attention mixers, which take any number of features.
+pub(crate) fn check_input(
+    inp: &Tensor,
+    mod_dim: i64,
+    n_features: Option<i64>,
+    kind: Kind,
+    device: Device,
+) -> Result<()> {
+    let shape = inp.size();
+    let features = n_features.map_or("n_features".to_string(), |n| n.to_string());
+    let expected = format!("(..., {features}, {mod_dim})");
+    let fits = shape.len() >= 2
+        && shape[shape.len() - 1] == mod_dim
+        && n_features.is_none_or(|n| shape[shape.len() - 2] == n);
+    if !fits {
+        return Err(MixError::Shape { what: "input", expected, got: shape });
+    }
+    if inp.kind() != kind {
+        return Err(MixError::Kind { what: "input", expected: format!("{kind:?}"), got: inp.kind() });
+    }
+    if inp.device() != device {
+        return Err(MixError::Device { what: "input", expected: device, got: inp.device() });
+    }
+    Ok(())
+}
+
+/// Checks that a padding mask is bool or floating point, on the input's device, and shaped like
+/// the input without its last dimension.
+pub(crate) fn check_mask(mask: Option<&Tensor>, inp: &Tensor) -> Result<()> {
+    let Some(mask) = mask else { return Ok(()) };
+    let shape = inp.size();
+    let expected = &shape[..shape.len() - 1];
+    if mask.size() != expected {
+        let dims: Vec<String> = expected.iter().map(i64::to_string).collect();
+        let expected = format!("({}) (the input's shape without its last dim)", dims.join(", "));
+        return Err(MixError::Shape { what: "mask", expected, got: mask.size() });
+    }
+    if mask.kind() != Kind::Bool && !mask.is_floating_point() {
+        return Err(MixError::Kind {
+            what: "mask",
+            expected: "Bool or a floating-point kind".into(),
+            got: mask.kind(),
+        });
+    }
+    if mask.device() != inp.device() {
+        return Err(MixError::Device { what: "mask", expected: inp.device(), got: mask.device() });
+    }
+    Ok(())
+}
+
+/// Adds `tensor` as a trainable variable `name` under `path`, refusing a name that is taken
+/// (tch would silently rename the new one to `name__N`).
+pub(crate) fn add_variable(path: &nn::Path, name: &str, tensor: Tensor) -> Result<Tensor> {
+    if path.get(name).is_some() {
+        return Err(MixError::DuplicateVariable(path.path(name)));
+    }
+    Ok(path.add(name, tensor, true))
+}
+
+/// PyTorch's `nn.Linear` initialisation, in place: `kaiming_uniform_(a=sqrt(5))` on the weight,
+/// which is `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, and the same bound for the bias.
+/// Zero-element tensors are left alone, as PyTorch does.
+pub(crate) fn init_linear(weight: &mut Tensor, bias: Option<&mut Tensor>) -> Result<()> {
+    let fan_in = weight.size().get(1).copied().unwrap_or(0);
+    let bound = if fan_in > 0 { 1.0 / (fan_in as f64).sqrt() } else { 0.0 };
+    tch::no_grad(|| -> Result<()> {
+        if weight.numel() > 0 {
+            let _ = weight.f_uniform_(-bound, bound)?;
+        }
+        if let Some(bias) = bias.filter(|b| b.numel() > 0) {
+            let _ = bias.f_uniform_(-bound, bound)?;
+        }
+        Ok(())
+    })
+}
+
+/// swak's answer to an input without features: the input itself with `keep_dim`, else its sum
+/// over the (empty) feature dimension, i.e. zeros of shape `(..., mod_dim)`.
+pub(crate) fn without_features(inp: &Tensor, keep_dim: bool) -> Result<Tensor> {
+    if keep_dim {
+        Ok(inp.shallow_clone())
+    } else {
+        Ok(inp.f_sum_dim_intlist(-2, false, None::<Kind>)?)
+    }
+}
+
+/// The tail every swak mixer shares: dropout (training only) on the mixed `(..., 1, mod_dim)`
+/// vectors, `+ inp.mean(-2)` with `skip`, then keep or squeeze the feature dimension.
+pub(crate) fn finish(
+    mixed: Tensor,
+    inp: &Tensor,
+    dropout: f64,
+    skip: bool,
+    keep_dim: bool,
+    train: bool,
+) -> Result<Tensor> {
+    let mut out = mixed.f_dropout(dropout, train)?;
+    if skip {
+        out = out.f_add(&inp.f_mean_dim(-2, true, None::<Kind>)?)?;
+    }
+    if keep_dim {
+        Ok(out)
+    } else {
+        Ok(out.f_squeeze_dim(-2)?)
+    }
+}
+
+/// Mixes `inp` with per-feature `weights`: `(..., F) x (..., F, D) -> (..., 1, D)`.
+pub(crate) fn weighted_sum(weights: &Tensor, inp: &Tensor) -> Result<Tensor> {
+    Ok(weights.f_unsqueeze(-2)?.f_matmul(inp)?)
+}
+
+/// Implements tch's `nn::ModuleT` for a mixer as a thin wrapper over [`Mixer::f_forward_t`]
+/// without a mask; like tch's own modules, it panics where the fallible call returns an error.
+macro_rules! impl_module_t {
+    ($mixer:ty) => {
+        impl tch::nn::ModuleT for $mixer {
+            fn forward_t(&self, xs: &tch::Tensor, train: bool) -> tch::Tensor {
+                match $crate::Mixer::f_forward_t(self, xs, None, train) {
+                    Ok(out) => out,
+                    Err(err) => panic!("{}: {err}", stringify!($mixer)),
+                }
+            }
+        }
+    };
+}
+pub(crate) use impl_module_t;
