@@ -35,7 +35,7 @@ impl Default for GlobalWeightsConfig {
 ///
 /// Unlike swak, which ignores `mod_dim` here, the input's last dimension is checked against it.
 ///
-/// ```no_run
+/// ```
 /// use tch::{nn, Device, Kind, Tensor};
 /// use tch_mix::{GlobalWeightsConfig, GlobalWeightsMixer, Mixer};
 ///

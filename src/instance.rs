@@ -36,7 +36,7 @@ impl Default for InstanceWeightsConfig {
 /// - output `(..., mod_dim)`, or `(..., 1, mod_dim)` with `keep_dim`;
 /// - importance `(..., n_features)`.
 ///
-/// ```no_run
+/// ```
 /// use tch::{nn, Device, Kind, Tensor};
 /// use tch_mix::{InstanceWeightsConfig, InstanceWeightsMixer, Mixer};
 ///

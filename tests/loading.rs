@@ -1,0 +1,165 @@
+//! Loading PyTorch-written weights: torch.save zip archives and safetensors, strictly.
+
+mod common;
+
+use common::data;
+use tch::{nn, Device, Kind, Tensor};
+use tch_mix::{load_var_store, InstanceWeightsMixer, MixError, Mixer, StateDict};
+
+fn instance_mixer(vs: &nn::VarStore) -> InstanceWeightsMixer {
+    InstanceWeightsMixer::new(&(vs.root() / "mix"), 4, 3, Default::default()).unwrap()
+}
+
+#[test]
+fn torch_save_and_safetensors_hold_the_same_state() {
+    for dtype in ["float32", "bfloat16"] {
+        let pt = StateDict::from_file(data(&format!("model-{dtype}.pt"))).unwrap();
+        let st = StateDict::from_file(data(&format!("model-{dtype}.safetensors"))).unwrap();
+        let keys: Vec<&str> = pt.keys().collect();
+        assert_eq!(keys, ["mix.project.weight", "mix.project.bias", "head.weight", "head.bias"]);
+        assert_eq!(pt.len(), st.len());
+        for (key, tensor) in pt.iter() {
+            let other = st.get(key).unwrap();
+            assert_eq!(tensor.kind(), other.kind(), "{key}");
+            assert!(tensor.equal(other), "{key} differs between .pt and .safetensors");
+        }
+    }
+}
+
+#[test]
+fn shared_storages_offsets_and_strides_are_rebuilt() {
+    let pt = StateDict::from_file(data("views.pt")).unwrap();
+    let st = StateDict::from_file(data("views.safetensors")).unwrap();
+    for key in ["base", "transposed", "sliced", "ints"] {
+        let (a, b) = (pt.get(key).unwrap(), st.get(key).unwrap());
+        assert_eq!(a.size(), b.size(), "{key}");
+        assert_eq!(a.kind(), b.kind(), "{key}");
+        assert!(a.equal(b), "{key}");
+    }
+    assert_eq!(pt.get("sliced").unwrap().size(), [2, 3]);
+    assert_eq!(pt.get("ints").unwrap().kind(), Kind::Int64);
+}
+
+#[test]
+fn mixer_loads_its_prefix_of_a_bigger_model_with_dtype_conversion() {
+    let state = StateDict::from_file(data("model-bfloat16.pt")).unwrap();
+    let vs = nn::VarStore::new(Device::Cpu); // f32 mixer, bf16 file
+    let mix = instance_mixer(&vs);
+    mix.load_state(&state.sub("mix")).unwrap();
+    let expected = state.get("mix.project.weight").unwrap().to_kind(Kind::Float);
+    assert!(mix.weight.equal(&expected));
+    assert_eq!(mix.weight.kind(), Kind::Float);
+    assert!(mix.bias.as_ref().unwrap().equal(&state.get("mix.project.bias").unwrap().to_kind(Kind::Float)));
+}
+
+#[test]
+fn var_store_loads_a_whole_model_strictly() {
+    let state = StateDict::from_file(data("model-float32.safetensors")).unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _mix = instance_mixer(&vs);
+    let head = nn::linear(vs.root() / "head", 4, 1, Default::default());
+    load_var_store(&vs, &state).unwrap();
+    assert!(head.ws.equal(state.get("head.weight").unwrap()));
+}
+
+fn strict_error(result: Result<(), MixError>) -> (Vec<String>, Vec<String>, Vec<(String, Vec<i64>, Vec<i64>)>) {
+    match result {
+        Err(MixError::StrictLoad { missing, unexpected, mismatched }) => (missing, unexpected, mismatched),
+        other => panic!("expected a strict-load error, got {other:?}"),
+    }
+}
+
+#[test]
+fn unprefixed_state_reports_every_missing_and_unexpected_key() {
+    let state = StateDict::from_file(data("model-float32.pt")).unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let mix = instance_mixer(&vs);
+    let (missing, unexpected, mismatched) = strict_error(mix.load_state(&state));
+    assert_eq!(missing, ["project.bias", "project.weight"]);
+    assert_eq!(unexpected, ["mix.project.weight", "mix.project.bias", "head.weight", "head.bias"]);
+    assert!(mismatched.is_empty());
+}
+
+#[test]
+fn shape_mismatch_is_refused_and_nothing_is_copied() {
+    let state = StateDict::from_file(data("model-float32.pt")).unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let mix = InstanceWeightsMixer::new(&vs.root(), 2, 6, Default::default()).unwrap(); // 12 inputs, 6 outputs
+    let before = mix.weight.copy();
+    let (missing, unexpected, mismatched) = strict_error(mix.load_state(&state.sub("mix")));
+    assert!(missing.is_empty() && unexpected.is_empty());
+    assert_eq!(
+        mismatched,
+        [("project.weight".to_string(), vec![6, 12], vec![3, 12]), ("project.bias".to_string(), vec![6], vec![3])]
+    );
+    assert!(mix.weight.equal(&before), "a failed load must not copy anything");
+}
+
+#[test]
+fn extra_key_is_refused() {
+    let state = StateDict::from_file(data("model-float32.pt")).unwrap();
+    let mut entries: Vec<(String, Tensor)> =
+        state.sub("mix").iter().map(|(k, t)| (k.to_string(), t.shallow_clone())).collect();
+    entries.push(("project.scale".into(), Tensor::ones([3], (Kind::Float, Device::Cpu))));
+    let vs = nn::VarStore::new(Device::Cpu);
+    let (missing, unexpected, _) = strict_error(instance_mixer(&vs).load_state(&StateDict::new(entries)));
+    assert!(missing.is_empty());
+    assert_eq!(unexpected, ["project.scale"]);
+    let message = instance_mixer(&nn::VarStore::new(Device::Cpu))
+        .load_state(&StateDict::new(vec![]))
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("missing keys [\"project.bias\", \"project.weight\"]"), "{message}");
+}
+
+fn format_error(path: std::path::PathBuf) -> String {
+    match StateDict::from_file(&path) {
+        Err(err @ MixError::Format { .. }) => err.to_string(),
+        other => panic!("{}: expected a format error, got {other:?}", path.display()),
+    }
+}
+
+#[test]
+fn pickled_module_is_refused_not_executed() {
+    let message = format_error(data("whole-module.pt"));
+    assert!(message.contains("refusing global"), "{message}");
+}
+
+#[test]
+fn malicious_pickle_is_refused_not_executed() {
+    let message = format_error(data("evil.pt"));
+    assert!(message.contains("refusing global \"posix.system\""), "{message}");
+}
+
+#[test]
+fn legacy_torch_save_format_is_a_clear_error() {
+    assert!(format_error(data("legacy.pt")).contains("legacy torch.save format"));
+}
+
+#[test]
+fn truncated_and_foreign_files_are_errors_not_panics() {
+    let dir = std::env::temp_dir().join(format!("tch-mix-loading-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for name in ["model-float32.pt", "model-float32.safetensors", "views.pt"] {
+        let bytes = std::fs::read(data(name)).unwrap();
+        for cut in [bytes.len() / 4, bytes.len() / 2, bytes.len() - 3] {
+            let path = dir.join(format!("cut-{cut}-{name}"));
+            std::fs::write(&path, &bytes[..cut]).unwrap();
+            format_error(path);
+        }
+    }
+    let text = dir.join("notes.txt");
+    std::fs::write(&text, "not a checkpoint at all").unwrap();
+    assert!(format_error(text).contains("neither a torch.save zip archive nor safetensors"));
+    let missing = StateDict::from_file(dir.join("absent.pt")).unwrap_err();
+    assert!(matches!(missing, MixError::Io { .. }), "{missing:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn duplicate_variable_names_are_refused_not_renamed() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _first = instance_mixer(&vs);
+    let second = InstanceWeightsMixer::new(&(vs.root() / "mix"), 4, 3, Default::default());
+    assert!(matches!(second, Err(MixError::DuplicateVariable(ref name)) if name == "mix.project.weight"), "{second:?}");
+}
