@@ -2,6 +2,9 @@
 
 use tch::TchError;
 
+/// `(key, expected shape, shape that came)` of one weight whose shape does not fit.
+pub type ShapeMismatch = (String, Vec<i64>, Vec<i64>);
+
 /// Everything that can go wrong in tch-mix, each message naming what was expected and what came.
 #[derive(Debug, thiserror::Error)]
 pub enum MixError {
@@ -55,7 +58,7 @@ pub enum MixError {
         /// Weights that no variable of the module takes.
         unexpected: Vec<String>,
         /// `(key, expected shape, shape in the file)` for every shape mismatch.
-        mismatched: Vec<(String, Vec<i64>, Vec<i64>)>,
+        mismatched: Vec<ShapeMismatch>,
     },
 
     /// A weight file or fixture that cannot be read: truncated, not a checkpoint, or holding
@@ -85,7 +88,7 @@ pub enum MixError {
 fn strict_report(
     missing: &[String],
     unexpected: &[String],
-    mismatched: &[(String, Vec<i64>, Vec<i64>)],
+    mismatched: &[ShapeMismatch],
 ) -> String {
     let mut report = String::new();
     if !missing.is_empty() {

@@ -18,7 +18,11 @@ pub struct GlobalWeightsConfig {
 
 impl Default for GlobalWeightsConfig {
     fn default() -> Self {
-        Self { dropout: 0.0, skip: true, keep_dim: false }
+        Self {
+            dropout: 0.0,
+            skip: true,
+            keep_dim: false,
+        }
     }
 }
 
@@ -64,7 +68,14 @@ impl GlobalWeightsMixer {
         n_features: i64,
         config: GlobalWeightsConfig,
     ) -> Result<Self> {
-        Self::build(path, mod_dim, n_features, config, path.kind(), path.device())
+        Self::build(
+            path,
+            mod_dim,
+            n_features,
+            config,
+            path.kind(),
+            path.device(),
+        )
     }
 
     fn build(
@@ -80,7 +91,12 @@ impl GlobalWeightsMixer {
         mixer::check_dropout(config.dropout)?;
         let ones = Tensor::f_ones([n_features], (kind, device))?;
         let coeffs = mixer::add_variable(path, "coeffs", ones)?;
-        Ok(Self { coeffs, mod_dim, n_features, config })
+        Ok(Self {
+            coeffs,
+            mod_dim,
+            n_features,
+            config,
+        })
     }
 
     /// The number of features mixed, the input's next-to-last dimension.
@@ -94,7 +110,13 @@ impl GlobalWeightsMixer {
     }
 
     fn check(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<()> {
-        mixer::check_input(inp, self.mod_dim, Some(self.n_features), self.kind(), self.device())?;
+        mixer::check_input(
+            inp,
+            self.mod_dim,
+            Some(self.n_features),
+            self.kind(),
+            self.device(),
+        )?;
         mixer::check_mask(mask, inp)
     }
 
@@ -137,7 +159,11 @@ impl Mixer for GlobalWeightsMixer {
             return mixer::without_features(inp, self.config.keep_dim);
         }
         let mixed = mixer::weighted_sum(&self.weights(inp)?, inp)?;
-        let GlobalWeightsConfig { dropout, skip, keep_dim } = self.config;
+        let GlobalWeightsConfig {
+            dropout,
+            skip,
+            keep_dim,
+        } = self.config;
         mixer::finish(mixed, inp, dropout, skip, keep_dim, train)
     }
 
@@ -156,7 +182,14 @@ impl Mixer for GlobalWeightsMixer {
     }
 
     fn fresh(&self, path: &nn::Path) -> Result<Self> {
-        Self::build(path, self.mod_dim, self.n_features, self.config, self.kind(), self.device())
+        Self::build(
+            path,
+            self.mod_dim,
+            self.n_features,
+            self.config,
+            self.kind(),
+            self.device(),
+        )
     }
 }
 

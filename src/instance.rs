@@ -20,7 +20,12 @@ pub struct InstanceWeightsConfig {
 
 impl Default for InstanceWeightsConfig {
     fn default() -> Self {
-        Self { bias: true, dropout: 0.0, skip: true, keep_dim: false }
+        Self {
+            bias: true,
+            dropout: 0.0,
+            skip: true,
+            keep_dim: false,
+        }
     }
 }
 
@@ -67,7 +72,14 @@ impl InstanceWeightsMixer {
         n_features: i64,
         config: InstanceWeightsConfig,
     ) -> Result<Self> {
-        Self::build(path, mod_dim, n_features, config, path.kind(), path.device())
+        Self::build(
+            path,
+            mod_dim,
+            n_features,
+            config,
+            path.kind(),
+            path.device(),
+        )
     }
 
     fn build(
@@ -86,10 +98,20 @@ impl InstanceWeightsMixer {
         let weight = Tensor::f_empty([n_features, n_features * mod_dim], options)?;
         let weight = mixer::add_variable(&project, "weight", weight)?;
         let bias = match config.bias {
-            true => Some(mixer::add_variable(&project, "bias", Tensor::f_empty([n_features], options)?)?),
+            true => Some(mixer::add_variable(
+                &project,
+                "bias",
+                Tensor::f_empty([n_features], options)?,
+            )?),
             false => None,
         };
-        let mut mix = Self { weight, bias, mod_dim, n_features, config };
+        let mut mix = Self {
+            weight,
+            bias,
+            mod_dim,
+            n_features,
+            config,
+        };
         mix.reset_parameters()?;
         Ok(mix)
     }
@@ -105,12 +127,20 @@ impl InstanceWeightsMixer {
     }
 
     fn check(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<()> {
-        mixer::check_input(inp, self.mod_dim, Some(self.n_features), self.kind(), self.device())?;
+        mixer::check_input(
+            inp,
+            self.mod_dim,
+            Some(self.n_features),
+            self.kind(),
+            self.device(),
+        )?;
         mixer::check_mask(mask, inp)
     }
 
     fn weights(&self, inp: &Tensor) -> Result<Tensor> {
-        let scores = inp.f_flatten(-2, -1)?.f_linear(&self.weight, self.bias.as_ref())?;
+        let scores = inp
+            .f_flatten(-2, -1)?
+            .f_linear(&self.weight, self.bias.as_ref())?;
         Ok(scores.f_softmax(-1, None::<Kind>)?)
     }
 }
@@ -146,7 +176,12 @@ impl Mixer for InstanceWeightsMixer {
             return mixer::without_features(inp, self.config.keep_dim);
         }
         let mixed = mixer::weighted_sum(&self.weights(inp)?, inp)?;
-        let InstanceWeightsConfig { dropout, skip, keep_dim, .. } = self.config;
+        let InstanceWeightsConfig {
+            dropout,
+            skip,
+            keep_dim,
+            ..
+        } = self.config;
         mixer::finish(mixed, inp, dropout, skip, keep_dim, train)
     }
 
@@ -168,7 +203,14 @@ impl Mixer for InstanceWeightsMixer {
     }
 
     fn fresh(&self, path: &nn::Path) -> Result<Self> {
-        Self::build(path, self.mod_dim, self.n_features, self.config, self.kind(), self.device())
+        Self::build(
+            path,
+            self.mod_dim,
+            self.n_features,
+            self.config,
+            self.kind(),
+            self.device(),
+        )
     }
 }
 

@@ -35,7 +35,7 @@ mod instance;
 mod mixer;
 
 pub use checkpoint::{load_var_store, StateDict};
-pub use error::{MixError, Result};
+pub use error::{MixError, Result, ShapeMismatch};
 pub use global::{GlobalWeightsConfig, GlobalWeightsMixer};
 pub use instance::{InstanceWeightsConfig, InstanceWeightsMixer};
 pub use mixer::Mixer;

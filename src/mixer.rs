@@ -66,7 +66,11 @@ pub trait Mixer: std::fmt::Debug + Send {
     /// with the same shapes; values are converted to the mixer's dtype and device. For a mixer
     /// inside a bigger model, pass `state.sub("mix")`.
     fn load_state(&self, state: &StateDict) -> Result<()> {
-        let targets = self.variables().into_iter().map(|(key, t)| (key.to_string(), t)).collect();
+        let targets = self
+            .variables()
+            .into_iter()
+            .map(|(key, t)| (key.to_string(), t))
+            .collect();
         checkpoint::copy_strict(targets, state)
     }
 }
@@ -76,7 +80,9 @@ pub(crate) fn check_dropout(dropout: f64) -> Result<()> {
     if (0.0..1.0).contains(&dropout) {
         Ok(())
     } else {
-        Err(MixError::Config(format!("dropout must lie in [0, 1), got {dropout}")))
+        Err(MixError::Config(format!(
+            "dropout must lie in [0, 1), got {dropout}"
+        )))
     }
 }
 
@@ -85,7 +91,9 @@ pub(crate) fn check_size(name: &str, value: i64, min: i64) -> Result<()> {
     if value >= min {
         Ok(())
     } else {
-        Err(MixError::Config(format!("{name} must be at least {min}, got {value}")))
+        Err(MixError::Config(format!(
+            "{name} must be at least {min}, got {value}"
+        )))
     }
 }
 
@@ -105,13 +113,25 @@ pub(crate) fn check_input(
         && shape[shape.len() - 1] == mod_dim
         && n_features.is_none_or(|n| shape[shape.len() - 2] == n);
     if !fits {
-        return Err(MixError::Shape { what: "input", expected, got: shape });
+        return Err(MixError::Shape {
+            what: "input",
+            expected,
+            got: shape,
+        });
     }
     if inp.kind() != kind {
-        return Err(MixError::Kind { what: "input", expected: format!("{kind:?}"), got: inp.kind() });
+        return Err(MixError::Kind {
+            what: "input",
+            expected: format!("{kind:?}"),
+            got: inp.kind(),
+        });
     }
     if inp.device() != device {
-        return Err(MixError::Device { what: "input", expected: device, got: inp.device() });
+        return Err(MixError::Device {
+            what: "input",
+            expected: device,
+            got: inp.device(),
+        });
     }
     Ok(())
 }
@@ -124,8 +144,15 @@ pub(crate) fn check_mask(mask: Option<&Tensor>, inp: &Tensor) -> Result<()> {
     let expected = &shape[..shape.len() - 1];
     if mask.size() != expected {
         let dims: Vec<String> = expected.iter().map(i64::to_string).collect();
-        let expected = format!("({}) (the input's shape without its last dim)", dims.join(", "));
-        return Err(MixError::Shape { what: "mask", expected, got: mask.size() });
+        let expected = format!(
+            "({}) (the input's shape without its last dim)",
+            dims.join(", ")
+        );
+        return Err(MixError::Shape {
+            what: "mask",
+            expected,
+            got: mask.size(),
+        });
     }
     if mask.kind() != Kind::Bool && !mask.is_floating_point() {
         return Err(MixError::Kind {
@@ -135,7 +162,11 @@ pub(crate) fn check_mask(mask: Option<&Tensor>, inp: &Tensor) -> Result<()> {
         });
     }
     if mask.device() != inp.device() {
-        return Err(MixError::Device { what: "mask", expected: inp.device(), got: mask.device() });
+        return Err(MixError::Device {
+            what: "mask",
+            expected: inp.device(),
+            got: mask.device(),
+        });
     }
     Ok(())
 }
@@ -154,7 +185,11 @@ pub(crate) fn add_variable(path: &nn::Path, name: &str, tensor: Tensor) -> Resul
 /// Zero-element tensors are left alone, as PyTorch does.
 pub(crate) fn init_linear(weight: &mut Tensor, bias: Option<&mut Tensor>) -> Result<()> {
     let fan_in = weight.size().get(1).copied().unwrap_or(0);
-    let bound = if fan_in > 0 { 1.0 / (fan_in as f64).sqrt() } else { 0.0 };
+    let bound = if fan_in > 0 {
+        1.0 / (fan_in as f64).sqrt()
+    } else {
+        0.0
+    };
     tch::no_grad(|| -> Result<()> {
         if weight.numel() > 0 {
             let _ = weight.f_uniform_(-bound, bound)?;

@@ -4,7 +4,10 @@ mod common;
 
 use common::ones;
 use tch::{nn, Device, Kind, Tensor};
-use tch_mix::{GlobalWeightsConfig, GlobalWeightsMixer, InstanceWeightsConfig, InstanceWeightsMixer, MixError, Mixer};
+use tch_mix::{
+    GlobalWeightsConfig, GlobalWeightsMixer, InstanceWeightsConfig, InstanceWeightsMixer, MixError,
+    Mixer,
+};
 
 /// One mixer of each kind that takes `(..., 3, 4)` f32 input on the CPU.
 fn mixers(vs: &nn::VarStore) -> Vec<Box<dyn Mixer>> {
@@ -16,8 +19,12 @@ fn mixers(vs: &nn::VarStore) -> Vec<Box<dyn Mixer>> {
 
 /// Runs forward and importance and returns both error messages, which must be equal.
 fn errors(mix: &dyn Mixer, inp: &Tensor, mask: Option<&Tensor>) -> String {
-    let forward = mix.f_forward_t(inp, mask, false).expect_err("forward accepted bad input");
-    let importance = mix.f_importance(inp, mask).expect_err("importance accepted bad input");
+    let forward = mix
+        .f_forward_t(inp, mask, false)
+        .expect_err("forward accepted bad input");
+    let importance = mix
+        .f_importance(inp, mask)
+        .expect_err("importance accepted bad input");
     assert_eq!(forward.to_string(), importance.to_string());
     forward.to_string()
 }
@@ -36,7 +43,10 @@ fn input_of_fewer_than_two_dims_is_refused() {
 fn wrong_last_dim_is_refused() {
     let vs = nn::VarStore::new(Device::Cpu);
     for mix in mixers(&vs) {
-        assert_eq!(errors(mix.as_ref(), &ones(&[2, 3, 5]), None), "input: expected shape (..., 3, 4), got [2, 3, 5]");
+        assert_eq!(
+            errors(mix.as_ref(), &ones(&[2, 3, 5]), None),
+            "input: expected shape (..., 3, 4), got [2, 3, 5]"
+        );
     }
 }
 
@@ -44,7 +54,10 @@ fn wrong_last_dim_is_refused() {
 fn wrong_feature_count_is_refused() {
     let vs = nn::VarStore::new(Device::Cpu);
     for mix in mixers(&vs) {
-        assert_eq!(errors(mix.as_ref(), &ones(&[2, 2, 4]), None), "input: expected shape (..., 3, 4), got [2, 2, 4]");
+        assert_eq!(
+            errors(mix.as_ref(), &ones(&[2, 2, 4]), None),
+            "input: expected shape (..., 3, 4), got [2, 2, 4]"
+        );
     }
 }
 
@@ -53,17 +66,24 @@ fn input_dtype_must_match_the_mixer() {
     let vs = nn::VarStore::new(Device::Cpu);
     for mix in mixers(&vs) {
         let inp = Tensor::ones([2, 3, 4], (Kind::Double, Device::Cpu));
-        assert_eq!(errors(mix.as_ref(), &inp, None), "input: expected dtype Float, got Double");
+        assert_eq!(
+            errors(mix.as_ref(), &inp, None),
+            "input: expected dtype Float, got Double"
+        );
     }
 }
 
 #[test]
 fn input_device_must_match_the_mixer() {
-    let Some(cuda) = common::cuda_or_skip("input_device_must_match_the_mixer") else { return };
+    let Some(cuda) = common::cuda_or_skip("input_device_must_match_the_mixer") else {
+        return;
+    };
     let vs = nn::VarStore::new(Device::Cpu);
     for mix in mixers(&vs) {
         let inp = Tensor::ones([2, 3, 4], (Kind::Float, cuda));
-        assert!(errors(mix.as_ref(), &inp, None).starts_with("input: expected device Cpu, got Cuda(0)"));
+        assert!(
+            errors(mix.as_ref(), &inp, None).starts_with("input: expected device Cpu, got Cuda(0)")
+        );
     }
 }
 
@@ -89,13 +109,31 @@ fn mask_must_fit_the_input() {
 fn dropout_outside_zero_to_one_is_refused() {
     for dropout in [-0.1, 1.0, 1.5, f64::NAN] {
         let vs = nn::VarStore::new(Device::Cpu);
-        let global = GlobalWeightsMixer::new(&vs.root(), 4, 3, GlobalWeightsConfig { dropout, ..Default::default() });
-        let instance =
-            InstanceWeightsMixer::new(&vs.root(), 4, 3, InstanceWeightsConfig { dropout, ..Default::default() });
+        let global = GlobalWeightsMixer::new(
+            &vs.root(),
+            4,
+            3,
+            GlobalWeightsConfig {
+                dropout,
+                ..Default::default()
+            },
+        );
+        let instance = InstanceWeightsMixer::new(
+            &vs.root(),
+            4,
+            3,
+            InstanceWeightsConfig {
+                dropout,
+                ..Default::default()
+            },
+        );
         for result in [global.map(|_| ()), instance.map(|_| ())] {
             let err = result.expect_err("dropout accepted");
             assert!(matches!(err, MixError::Config(_)));
-            assert_eq!(err.to_string(), format!("invalid configuration: dropout must lie in [0, 1), got {dropout}"));
+            assert_eq!(
+                err.to_string(),
+                format!("invalid configuration: dropout must lie in [0, 1), got {dropout}")
+            );
         }
     }
 }
@@ -104,7 +142,13 @@ fn dropout_outside_zero_to_one_is_refused() {
 fn negative_sizes_are_refused() {
     let vs = nn::VarStore::new(Device::Cpu);
     let err = GlobalWeightsMixer::new(&vs.root(), 4, -1, Default::default()).unwrap_err();
-    assert_eq!(err.to_string(), "invalid configuration: n_features must be at least 0, got -1");
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration: n_features must be at least 0, got -1"
+    );
     let err = InstanceWeightsMixer::new(&vs.root(), 0, 3, Default::default()).unwrap_err();
-    assert_eq!(err.to_string(), "invalid configuration: mod_dim must be at least 1, got 0");
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration: mod_dim must be at least 1, got 0"
+    );
 }

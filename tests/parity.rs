@@ -29,7 +29,12 @@ fn check_all(device: Device) {
             Err(err) => failures.push(format!("{}: {err}", file.display())),
         }
     }
-    assert!(failures.is_empty(), "{} fixtures failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} fixtures failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -37,12 +42,22 @@ fn fixtures_cover_every_mixer_dtype_and_gradients() {
     let mut seen = BTreeSet::new();
     for file in fixture_files() {
         let fixture = Fixture::read(&file).unwrap();
-        assert!(fixture.tensor("cotangent").is_ok(), "{} has no gradient block", file.display());
-        seen.insert((fixture.meta("mixer").unwrap().to_string(), fixture.meta("dtype").unwrap().to_string()));
+        assert!(
+            fixture.tensor("cotangent").is_ok(),
+            "{} has no gradient block",
+            file.display()
+        );
+        seen.insert((
+            fixture.meta("mixer").unwrap().to_string(),
+            fixture.meta("dtype").unwrap().to_string(),
+        ));
     }
     for mixer in ["global", "instance"] {
         for dtype in ["float64", "float32", "bfloat16"] {
-            assert!(seen.contains(&(mixer.to_string(), dtype.to_string())), "no {mixer} {dtype} fixture");
+            assert!(
+                seen.contains(&(mixer.to_string(), dtype.to_string())),
+                "no {mixer} {dtype} fixture"
+            );
         }
     }
 }
@@ -54,20 +69,26 @@ fn every_fixture_passes_on_cpu() {
 
 #[test]
 fn every_fixture_passes_on_cuda() {
-    let Some(cuda) = common::cuda_or_skip("every_fixture_passes_on_cuda") else { return };
+    let Some(cuda) = common::cuda_or_skip("every_fixture_passes_on_cuda") else {
+        return;
+    };
     check_all(cuda);
 }
 
 #[test]
 fn a_perturbed_reference_fails() {
     // The check must be able to fail: change swak's output by more than the tolerance.
-    let file = fixture_files().into_iter().find(|f| f.to_string_lossy().contains("float32-3d-f3")).unwrap();
+    let file = fixture_files()
+        .into_iter()
+        .find(|f| f.to_string_lossy().contains("float32-3d-f3"))
+        .unwrap();
     let fixture = Fixture::read(&file).unwrap();
     let report = fixture.check(Device::Cpu).unwrap();
     let output = fixture.tensor("output").unwrap();
     let shifted = output + 1e-3;
     let tolerance = tch_mix::fixture::tolerance(output.kind());
-    let comparison = tch_mix::fixture::compare("output", &report.computed[0].1, &shifted, tolerance).unwrap();
+    let comparison =
+        tch_mix::fixture::compare("output", &report.computed[0].1, &shifted, tolerance).unwrap();
     assert!(!comparison.passed);
     assert!((comparison.max_abs - 1e-3).abs() < 1e-6, "{comparison:?}");
 }
