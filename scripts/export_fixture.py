@@ -16,7 +16,12 @@ The fixture holds ``state.<key>`` for every ``state_dict()`` entry, ``input``, o
 ``output`` (eval forward), ``importance`` and, unless ``--no-gradients``, ``cotangent``,
 ``grad.input`` and ``grad.state.<key>``: the gradients of ``(output * cotangent).sum()``.
 Outputs are computed with autograd enabled, which keeps PyTorch's attention on its regular
-(SDPA) path rather than the inference fast path.
+(SDPA) path rather than the inference fast path. Where tch-mix deliberately differs from swak,
+the fixture holds tch-mix's defined value, derived from swak's own numbers:
+
+- inputs of more than 3 dimensions for the attention mixers (swak raises): swak runs on the batch
+  flattened to 3-D, and its results are reshaped back;
+- a fully masked row of an attention mixer: swak's importance is NaN there, the fixture's is 0.
 """
 import argparse
 import importlib.metadata
@@ -79,7 +84,7 @@ def export_fixture(mixer, inp, path, mask=None, gradients=True, seed=0):
     with torch.enable_grad():
         x = inp.clone().requires_grad_(gradients)
         mixer.zero_grad(set_to_none=True)
-        output = mixer(x, mask)
+        output = call(mixer.forward, mixer, x, mask)
         tensors["output"] = output.detach().clone().contiguous()
         if gradients:
             generator = torch.Generator().manual_seed(seed)
@@ -90,8 +95,20 @@ def export_fixture(mixer, inp, path, mask=None, gradients=True, seed=0):
             for key, parameter in mixer.named_parameters():
                 tensors[f"grad.state.{key}"] = grad_or_zeros(parameter)
     with torch.no_grad():
-        tensors["importance"] = mixer.importance(inp, mask).detach().clone().contiguous()
+        importance = call(mixer.importance, mixer, inp, mask)
+        if mask is not None and mask.dtype == torch.bool and MIXERS[type(mixer)] in ("cross", "self"):
+            importance = importance.masked_fill(mask.all(dim=-1, keepdim=True), 0.0)
+        tensors["importance"] = importance.detach().clone().contiguous()
     save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata=metadata(mixer))
+
+
+def call(method, mixer, inp, mask):
+    """``method(inp, mask)``; for an attention mixer on more than 3-D input, on the flattened batch."""
+    if inp.dim() <= 3 or MIXERS[type(mixer)] in ("global", "instance"):
+        return method(inp, mask)
+    leading = inp.shape[:-2]
+    result = method(inp.flatten(0, -3), None if mask is None else mask.flatten(0, -2))
+    return result.reshape(*leading, *result.shape[1:])
 
 
 def grad_or_zeros(tensor):

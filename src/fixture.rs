@@ -15,7 +15,8 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::checkpoint::{self, StateDict};
 use crate::error::{MixError, Result};
 use crate::{
-    GlobalWeightsConfig, GlobalWeightsMixer, InstanceWeightsConfig, InstanceWeightsMixer, Mixer,
+    AttentionConfig, CrossAttentionMixer, GlobalWeightsConfig, GlobalWeightsMixer,
+    InstanceWeightsConfig, InstanceWeightsMixer, Mixer, SelfAttentionMixer,
 };
 
 /// The value of the `format` metadata entry this version reads and writes.
@@ -236,7 +237,19 @@ impl Fixture {
                 )?)
             }
             "cross" | "self" => {
-                return Err(self.error(format!("mixer {mixer:?} is not yet supported")))
+                let n_heads = self.parse("n_heads")?;
+                let bias = self.parse("bias")?;
+                let config = AttentionConfig {
+                    n_heads,
+                    bias,
+                    dropout,
+                    skip,
+                    keep_dim,
+                };
+                match mixer {
+                    "cross" => Box::new(CrossAttentionMixer::new(path, mod_dim, config)?),
+                    _ => Box::new(SelfAttentionMixer::new(path, mod_dim, config)?),
+                }
             }
             other => return Err(self.error(format!("unknown mixer {other:?}"))),
         })

@@ -12,6 +12,8 @@
 //! |---|---|---|
 //! | [`GlobalWeightsMixer`] | `GlobalWeightsMixer` | `coeffs` |
 //! | [`InstanceWeightsMixer`] | `InstanceWeightsMixer` | `project.weight`, `project.bias` |
+//! | [`CrossAttentionMixer`] | `CrossAttentionMixer` | `attention.in_proj_weight`, `attention.in_proj_bias`, `attention.out_proj.weight`, `attention.out_proj.bias` |
+//! | [`SelfAttentionMixer`] | `SelfAttentionMixer` | as `CrossAttentionMixer` |
 //!
 //! ```no_run
 //! use tch::{nn, Device, Kind, Tensor};
@@ -27,15 +29,21 @@
 //! # Ok::<(), tch_mix::MixError>(())
 //! ```
 
+mod attention;
 pub mod checkpoint;
+mod cross;
 mod error;
 pub mod fixture;
 mod global;
 mod instance;
 mod mixer;
+mod self_attention;
 
+pub use attention::{AttentionConfig, MultiheadAttention, Query};
 pub use checkpoint::{load_var_store, StateDict};
+pub use cross::CrossAttentionMixer;
 pub use error::{MixError, Result, ShapeMismatch};
 pub use global::{GlobalWeightsConfig, GlobalWeightsMixer};
 pub use instance::{InstanceWeightsConfig, InstanceWeightsMixer};
 pub use mixer::Mixer;
+pub use self_attention::SelfAttentionMixer;

@@ -5,8 +5,8 @@ mod common;
 use common::ones;
 use tch::{nn, Device, Kind, Tensor};
 use tch_mix::{
-    GlobalWeightsConfig, GlobalWeightsMixer, InstanceWeightsConfig, InstanceWeightsMixer, MixError,
-    Mixer,
+    CrossAttentionMixer, GlobalWeightsConfig, GlobalWeightsMixer, InstanceWeightsConfig,
+    InstanceWeightsMixer, MixError, Mixer, SelfAttentionMixer,
 };
 
 /// One mixer of each kind that takes `(..., 3, 4)` f32 input on the CPU.
@@ -79,7 +79,14 @@ fn input_device_must_match_the_mixer() {
         return;
     };
     let vs = nn::VarStore::new(Device::Cpu);
-    for mix in mixers(&vs) {
+    let mut all = mixers(&vs);
+    all.push(Box::new(
+        CrossAttentionMixer::new(&(vs.root() / "c"), 4, Default::default()).unwrap(),
+    ));
+    all.push(Box::new(
+        SelfAttentionMixer::new(&(vs.root() / "s"), 4, Default::default()).unwrap(),
+    ));
+    for mix in all {
         let inp = Tensor::ones([2, 3, 4], (Kind::Float, cuda));
         assert!(
             errors(mix.as_ref(), &inp, None).starts_with("input: expected device Cpu, got Cuda(0)")

@@ -52,7 +52,7 @@ fn fixtures_cover_every_mixer_dtype_and_gradients() {
             fixture.meta("dtype").unwrap().to_string(),
         ));
     }
-    for mixer in ["global", "instance"] {
+    for mixer in ["global", "instance", "cross", "self"] {
         for dtype in ["float64", "float32", "bfloat16"] {
             assert!(
                 seen.contains(&(mixer.to_string(), dtype.to_string())),
