@@ -278,6 +278,189 @@ impl MultiheadAttention {
             .f_view([n, self.n_heads, l, s])?
             .f_mean_dim(1, false, None::<Kind>)?)
     }
+
+    /// Attention pooling as the mixers need it, computed along the shortest path: the mixed vector
+    /// per instance and, if asked, the importance, without ever forming the `(N, F, 3 D)`
+    /// projection. The value path is linear, so the inputs are pooled with the attention weights
+    /// first and projected afterwards, once per instance instead of once per feature:
+    /// `mean_i sum_j a_ij (W_v x_j + b_v) = W_v (sum_j b_j x_j) + (sum_j b_j) b_v` with
+    /// `b_j = mean_i a_ij`. For cross-attention the constant query also folds the key projection
+    /// into one vector per head: `q_h . (W_k,h x + b_k,h) = (W_k,h^T q_h) . x + c_h`, and `c_h`
+    /// cancels in the softmax. Dropout (if `dropout > 0`) drops attention weights as PyTorch
+    /// does, and the bias term keeps the sum of the dropped weights; a fully masked row pools
+    /// nothing and gives `out_proj.bias`.
+    ///
+    /// Equal to [`MultiheadAttention::output`] (averaged over queries) and
+    /// [`MultiheadAttention::weights`] up to rounding; the tests hold it to them.
+    ///
+    /// # Shapes
+    /// `inp`: `(N, F, D)`, `mask`: additive `(N, F)`; returns the mixed `(N, D)` (if `output`)
+    /// and the importance `(N, F)` (if `importance`).
+    pub fn pool(
+        &self,
+        pooling: Pooling,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+        dropout: f64,
+        output: bool,
+        importance: bool,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let kind = inp.kind();
+        let (heads, importance) = if mixer::is_half(kind) {
+            // Half precision pools in f32, then rounds the heads' output to half precision for
+            // the output projection, where PyTorch rounds its attention output: the reordered
+            // sums would otherwise round differently by more than half precision resolves.
+            let up = |t: &Tensor| t.f_to_kind(Kind::Float);
+            let up_opt = |t: &Option<Tensor>| t.as_ref().map(up).transpose();
+            let wide = Self {
+                in_proj_weight: up(&self.in_proj_weight)?,
+                in_proj_bias: up_opt(&self.in_proj_bias)?,
+                out_proj_weight: self.out_proj_weight.shallow_clone(),
+                out_proj_bias: None,
+                embed_dim: self.embed_dim,
+                n_heads: self.n_heads,
+            };
+            let mask = mask.map(up).transpose()?;
+            let (heads, importance) = wide.pool_heads(
+                pooling,
+                &up(inp)?,
+                mask.as_ref(),
+                dropout,
+                output,
+                importance,
+            )?;
+            let down = |t: Option<Tensor>| t.map(|t| t.f_to_kind(kind)).transpose();
+            (down(heads)?, down(importance)?)
+        } else {
+            self.pool_heads(pooling, inp, mask, dropout, output, importance)?
+        };
+        let mixed = match heads {
+            Some(heads) => {
+                Some(heads.f_linear(&self.out_proj_weight, self.out_proj_bias.as_ref())?)
+            }
+            None => None,
+        };
+        Ok((mixed, importance))
+    }
+
+    /// [`MultiheadAttention::pool`] up to the output projection: the heads' concatenated output
+    /// `(N, D)` and the importance `(N, F)`.
+    fn pool_heads(
+        &self,
+        pooling: Pooling,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+        dropout: f64,
+        output: bool,
+        importance: bool,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, _, d) = inp.size3()?;
+        let weights = self.pooling_weights(pooling, inp, mask)?;
+        // Per head and key: cross-attention has one query, self-attention averages its queries.
+        let per_key = |w: &Tensor| -> Result<Tensor> {
+            Ok(match pooling {
+                Pooling::Cross => w.shallow_clone(),
+                Pooling::SelfMean => w.f_mean_dim(2, false, None::<Kind>)?,
+            })
+        };
+        let importance = match importance {
+            true => Some(per_key(&weights)?.f_mean_dim(1, false, None::<Kind>)?),
+            false => None,
+        };
+        if !output {
+            return Ok((None, importance));
+        }
+        let dropped = match dropout > 0.0 {
+            true => weights.f_dropout(dropout, true)?,
+            false => weights,
+        };
+        let pooling_weights = per_key(&dropped)?; // (N, H, F)
+        let pooled = pooling_weights.f_matmul(inp)?; // (N, H, D)
+        let (h, hd) = (self.n_heads, d / self.n_heads);
+        let w_v = self
+            .in_proj_weight
+            .f_narrow(0, 2 * d, d)?
+            .f_view([h, hd, d])?;
+        let mut heads = pooled
+            .f_transpose(0, 1)?
+            .f_bmm(&w_v.f_transpose(1, 2)?)?
+            .f_transpose(0, 1)?; // (N, H, hd)
+        if let Some(bias) = &self.in_proj_bias {
+            let b_v = bias.f_narrow(0, 2 * d, d)?.f_view([1, h, hd])?;
+            let total = pooling_weights.f_sum_dim_intlist(-1, true, None::<Kind>)?; // (N, H, 1)
+            heads = heads.f_add(&total.f_mul(&b_v)?)?;
+        }
+        Ok((Some(heads.f_reshape([n, d])?), importance))
+    }
+
+    /// The softmaxed attention weights the pooling needs, per head: `(N, H, F)` for the constant
+    /// query of cross-attention, `(N, H, F, F)` (queries x keys) for self-attention.
+    fn pooling_weights(
+        &self,
+        pooling: Pooling,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (n, f, d) = inp.size3()?;
+        let (h, hd) = (self.n_heads, d / self.n_heads);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let (scores, mask_shape) = match pooling {
+            Pooling::Cross => {
+                // q = W_q 1 + b_q, the projected constant query; u_h = W_k,h^T q_h / sqrt(hd).
+                let mut q = self.in_proj_weight.f_narrow(0, 0, d)?.f_sum_dim_intlist(
+                    1,
+                    false,
+                    None::<Kind>,
+                )?;
+                if let Some(bias) = &self.in_proj_bias {
+                    q = q.f_add(&bias.f_narrow(0, 0, d)?)?;
+                }
+                let w_k = self.in_proj_weight.f_narrow(0, d, d)?.f_view([h, hd, d])?;
+                let u = q.f_view([h, 1, hd])?.f_bmm(&w_k)?.f_view([h, d])?;
+                let scores = inp.f_matmul(&u.f_mul_scalar(scale)?.f_transpose(0, 1)?)?; // (N, F, H)
+                (scores.f_transpose(1, 2)?, vec![n, 1, f])
+            }
+            Pooling::SelfMean => {
+                let w_qk = self.in_proj_weight.f_narrow(0, 0, 2 * d)?;
+                let b_qk = match &self.in_proj_bias {
+                    Some(bias) => Some(bias.f_narrow(0, 0, 2 * d)?),
+                    None => None,
+                };
+                let qk = inp.f_linear(&w_qk, b_qk.as_ref())?; // (N, F, 2 D)
+                let q = qk
+                    .f_narrow(-1, 0, d)?
+                    .f_view([n, f, h, hd])?
+                    .f_transpose(1, 2)?;
+                let k = qk
+                    .f_narrow(-1, d, d)?
+                    .f_view([n, f, h, hd])?
+                    .f_permute([0, 2, 3, 1])?;
+                let scores = q.f_mul_scalar(scale)?.f_matmul(&k)?; // (N, H, F, F)
+                (scores, vec![n, 1, 1, f])
+            }
+        };
+        let Some(mask) = mask else {
+            return Ok(scores.f_softmax(-1, None::<Kind>)?);
+        };
+        let mask = mask.f_view(mask_shape.as_slice())?;
+        // A row whose keys are all masked has no valid softmax: it gets zero weights, with a
+        // finite softmax underneath so that no NaN reaches the gradients.
+        let dead = mask.f_isneginf()?.f_all_dim(-1, true)?;
+        let scores = scores.f_add(&mask)?.f_masked_fill(&dead, 0.0)?;
+        Ok(scores
+            .f_softmax(-1, None::<Kind>)?
+            .f_masked_fill(&dead, 0.0)?)
+    }
+}
+
+/// How the attention mixers pool: which query attends, and how its results are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// One learned-projection constant query attends over the features (`CrossAttentionMixer`).
+    Cross,
+    /// Every feature attends to all; the results are averaged over the queries
+    /// (`SelfAttentionMixer`).
+    SelfMean,
 }
 
 /// Hyper-parameters of the attention mixers, named as in swak.
@@ -394,53 +577,103 @@ impl AttentionCore {
         }))
     }
 
-    /// The mixer's constant query `ones(1, D)`, expanded to `(N, 1, D)`; swak keeps it as a
-    /// non-persistent buffer, so it is no variable here (what is learned is its projection).
-    pub(crate) fn query(&self, n: i64) -> Result<Tensor> {
-        let ones = Tensor::f_ones([1, self.mod_dim], (self.kind(), self.device()))?;
-        Ok(ones.f_expand([n, 1, self.mod_dim], false)?)
+    /// [`MultiheadAttention::pool`] along PyTorch's own op sequence ([`MultiheadAttention::output`]
+    /// and [`MultiheadAttention::weights`]), for half precision under autograd.
+    fn reference(
+        &self,
+        pooling: Pooling,
+        batch: &Batch,
+        dropout: f64,
+        output: bool,
+        importance: bool,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, _, d) = batch.inp.size3()?;
+        let ones = Tensor::f_ones([1, d], (self.kind(), self.device()))?;
+        let constant = ones.f_expand([n, 1, d], false)?;
+        let query = match pooling {
+            Pooling::Cross => Query::Cross(&constant),
+            Pooling::SelfMean => Query::SelfAttention,
+        };
+        let (inp, mask) = (&batch.inp, batch.mask.as_ref());
+        let mean_over_queries = |t: Tensor| t.f_mean_dim(1, false, None::<Kind>);
+        let mixed = match output {
+            true => Some(mean_over_queries(
+                self.attention.output(query, inp, mask, dropout)?,
+            )?),
+            false => None,
+        };
+        let weights = match importance {
+            true => Some(mean_over_queries(
+                self.attention.weights(query, inp, mask)?,
+            )?),
+            false => None,
+        };
+        Ok((mixed, weights))
     }
 
-    /// Reshapes mixed `(N, 1, D)` vectors back to `(..., 1, D)` and applies the common tail.
-    pub(crate) fn finish(
+    /// Runs one attention mixer: the mixed features `(..., mod_dim)` (or `(..., 1, mod_dim)` with
+    /// `keep_dim`) if `output`, and the importance `(..., n_features)` if `importance`.
+    pub(crate) fn mix(
         &self,
-        mixed: Tensor,
-        batch: &Batch,
+        pooling: Pooling,
         inp: &Tensor,
+        mask: Option<&Tensor>,
         train: bool,
-    ) -> Result<Tensor> {
-        let shape: Vec<i64> = batch
-            .leading
-            .iter()
-            .copied()
-            .chain([1, self.mod_dim])
-            .collect();
+        output: bool,
+        importance: bool,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let Some(batch) = self.batch(inp, mask)? else {
+            let shape = inp.size();
+            let none = Tensor::f_zeros(&shape[..shape.len() - 1], (self.kind(), self.device()))?;
+            let mixed = mixer::without_features(inp, self.config.keep_dim)?;
+            return Ok((output.then_some(mixed), importance.then_some(none)));
+        };
         let AttentionConfig {
             dropout,
             skip,
             keep_dim,
             ..
         } = self.config;
-        mixer::finish(mixed.f_reshape(shape)?, inp, dropout, skip, keep_dim, train)
-    }
-
-    /// Reshapes per-feature weights `(N, F)` back to `(..., F)`.
-    pub(crate) fn unflatten(&self, weights: Tensor, batch: &Batch) -> Result<Tensor> {
-        let shape: Vec<i64> = batch
-            .leading
-            .iter()
-            .copied()
-            .chain([weights.size()[1]])
-            .collect();
-        Ok(weights.f_reshape(shape)?)
-    }
-
-    /// The importance of an input without features: an empty `(..., 0)` tensor.
-    pub(crate) fn no_importance(&self, inp: &Tensor) -> Result<Tensor> {
-        let shape = inp.size();
-        Ok(Tensor::f_zeros(
-            &shape[..shape.len() - 1],
-            (self.kind(), self.device()),
-        )?)
+        let p = if train { dropout } else { 0.0 };
+        let (mixed, weights) = match mixer::use_reference(self.kind()) {
+            true => self.reference(pooling, &batch, p, output, importance)?,
+            false => {
+                let mask = batch.mask.as_ref();
+                self.attention
+                    .pool(pooling, &batch.inp, mask, p, output, importance)?
+            }
+        };
+        let mixed = match mixed {
+            Some(mixed) => {
+                let shape: Vec<i64> = batch
+                    .leading
+                    .iter()
+                    .copied()
+                    .chain([1, self.mod_dim])
+                    .collect();
+                Some(mixer::finish(
+                    mixed.f_reshape(shape)?,
+                    inp,
+                    dropout,
+                    skip,
+                    keep_dim,
+                    train,
+                )?)
+            }
+            None => None,
+        };
+        let weights = match weights {
+            Some(weights) => {
+                let shape: Vec<i64> = batch
+                    .leading
+                    .iter()
+                    .copied()
+                    .chain([weights.size()[1]])
+                    .collect();
+                Some(weights.f_reshape(shape)?)
+            }
+            None => None,
+        };
+        Ok((mixed, weights))
     }
 }

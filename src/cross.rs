@@ -2,7 +2,7 @@
 
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::attention::{AttentionConfig, AttentionCore, Query};
+use crate::attention::{AttentionConfig, AttentionCore, Pooling};
 use crate::error::Result;
 use crate::mixer::{self, Mixer};
 
@@ -88,30 +88,29 @@ impl Mixer for CrossAttentionMixer {
     }
 
     fn f_forward_t(&self, inp: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let Some(batch) = self.core.batch(inp, mask)? else {
-            return mixer::without_features(inp, self.core.config.keep_dim);
-        };
-        let query = self.core.query(batch.inp.size()[0])?;
-        let dropout = if train { self.core.config.dropout } else { 0.0 };
-        let mixed = self.core.attention.output(
-            Query::Cross(&query),
-            &batch.inp,
-            batch.mask.as_ref(),
-            dropout,
-        )?;
-        self.core.finish(mixed, &batch, inp, train)
+        let (mixed, _) = self
+            .core
+            .mix(Pooling::Cross, inp, mask, train, true, false)?;
+        Ok(mixed.expect("asked for"))
     }
 
     fn f_importance(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let Some(batch) = self.core.batch(inp, mask)? else {
-            return self.core.no_importance(inp);
-        };
-        let query = self.core.query(batch.inp.size()[0])?;
-        let weights =
-            self.core
-                .attention
-                .weights(Query::Cross(&query), &batch.inp, batch.mask.as_ref())?;
-        self.core.unflatten(weights.f_squeeze_dim(-2)?, &batch)
+        let (_, importance) = self
+            .core
+            .mix(Pooling::Cross, inp, mask, false, false, true)?;
+        Ok(importance.expect("asked for"))
+    }
+
+    fn f_forward_and_importance_t(
+        &self,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let (mixed, importance) = self
+            .core
+            .mix(Pooling::Cross, inp, mask, train, true, true)?;
+        Ok((mixed.expect("asked for"), importance.expect("asked for")))
     }
 
     fn reset_parameters(&mut self) -> Result<()> {

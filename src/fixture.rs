@@ -293,6 +293,19 @@ impl Fixture {
         for (name, actual) in &computed {
             comparisons.push(compare(name, actual, self.tensor(name)?, tolerance)?);
         }
+        // Inference (no autograd) may take other paths than training: compare it as well, and
+        // the one call that returns both.
+        let (output, both_importance) =
+            tch::no_grad(|| mixer.f_forward_and_importance_t(&inp, mask.as_ref(), false))?;
+        let expected = self.tensor("output")?;
+        comparisons.push(compare("output (no grad)", &output, expected, tolerance)?);
+        let expected = self.tensor("importance")?;
+        comparisons.push(compare(
+            "importance (both)",
+            &both_importance,
+            expected,
+            tolerance,
+        )?);
         Ok(Report {
             mixer: self.meta("mixer")?.to_string(),
             dtype: self.meta("dtype")?.to_string(),

@@ -120,11 +120,35 @@ impl GlobalWeightsMixer {
         mixer::check_mask(mask, inp)
     }
 
-    fn weights(&self, inp: &Tensor) -> Result<Tensor> {
-        // Softmax after the broadcast, as swak does, so that gradients sum in the same order.
-        let leading = inp.size();
-        let coeffs = self.coeffs.f_expand(&leading[..leading.len() - 1], false)?;
-        Ok(coeffs.f_softmax(-1, None::<Kind>)?)
+    /// The importance, swak's softmax after the broadcast (in half precision while autograd
+    /// records, so that gradients sum in PyTorch's order), else the softmax broadcast.
+    fn importance_of(&self, inp: &Tensor) -> Result<Tensor> {
+        let shape = inp.size();
+        let leading = &shape[..shape.len() - 1];
+        if mixer::use_reference(self.kind()) {
+            let coeffs = self.coeffs.f_expand(leading, false)?;
+            return Ok(coeffs.f_softmax(-1, None::<Kind>)?);
+        }
+        Ok(self
+            .coeffs
+            .f_softmax(-1, None::<Kind>)?
+            .f_expand(leading, false)?)
+    }
+
+    fn mix(&self, inp: &Tensor, train: bool) -> Result<Tensor> {
+        if self.n_features == 0 {
+            return mixer::without_features(inp, self.config.keep_dim);
+        }
+        let GlobalWeightsConfig {
+            dropout,
+            skip,
+            keep_dim,
+        } = self.config;
+        let weights = match mixer::use_reference(self.kind()) {
+            true => self.importance_of(inp)?,
+            false => self.coeffs.f_softmax(-1, None::<Kind>)?,
+        };
+        mixer::mix_weighted(&weights, inp, dropout, skip, keep_dim, train)
     }
 }
 
@@ -155,21 +179,22 @@ impl Mixer for GlobalWeightsMixer {
 
     fn f_forward_t(&self, inp: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
         self.check(inp, mask)?;
-        if self.n_features == 0 {
-            return mixer::without_features(inp, self.config.keep_dim);
-        }
-        let mixed = mixer::weighted_sum(&self.weights(inp)?, inp)?;
-        let GlobalWeightsConfig {
-            dropout,
-            skip,
-            keep_dim,
-        } = self.config;
-        mixer::finish(mixed, inp, dropout, skip, keep_dim, train)
+        self.mix(inp, train)
     }
 
     fn f_importance(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         self.check(inp, mask)?;
-        self.weights(inp)
+        self.importance_of(inp)
+    }
+
+    fn f_forward_and_importance_t(
+        &self,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        self.check(inp, mask)?;
+        Ok((self.mix(inp, train)?, self.importance_of(inp)?))
     }
 
     fn reset_parameters(&mut self) -> Result<()> {

@@ -171,23 +171,33 @@ impl Mixer for InstanceWeightsMixer {
     }
 
     fn f_forward_t(&self, inp: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        Ok(self.f_forward_and_importance_t(inp, mask, train)?.0)
+    }
+
+    fn f_importance(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         self.check(inp, mask)?;
+        self.weights(inp)
+    }
+
+    fn f_forward_and_importance_t(
+        &self,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        self.check(inp, mask)?;
+        let weights = self.weights(inp)?;
         if self.n_features == 0 {
-            return mixer::without_features(inp, self.config.keep_dim);
+            return Ok((mixer::without_features(inp, self.config.keep_dim)?, weights));
         }
-        let mixed = mixer::weighted_sum(&self.weights(inp)?, inp)?;
         let InstanceWeightsConfig {
             dropout,
             skip,
             keep_dim,
             ..
         } = self.config;
-        mixer::finish(mixed, inp, dropout, skip, keep_dim, train)
-    }
-
-    fn f_importance(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        self.check(inp, mask)?;
-        self.weights(inp)
+        let mixed = mixer::mix_weighted(&weights, inp, dropout, skip, keep_dim, train)?;
+        Ok((mixed, weights))
     }
 
     fn reset_parameters(&mut self) -> Result<()> {

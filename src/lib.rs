@@ -39,7 +39,7 @@ mod instance;
 mod mixer;
 mod self_attention;
 
-pub use attention::{AttentionConfig, MultiheadAttention, Query};
+pub use attention::{AttentionConfig, MultiheadAttention, Pooling, Query};
 pub use checkpoint::{load_var_store, StateDict};
 pub use cross::CrossAttentionMixer;
 pub use error::{MixError, Result, ShapeMismatch};

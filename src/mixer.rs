@@ -48,6 +48,24 @@ pub trait Mixer: std::fmt::Debug + Send {
     /// - returns `(..., n_features)`.
     fn f_importance(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor>;
 
+    /// The mixed features and the importance of the same batch in one call, sharing the work
+    /// both need (swak computes them in two passes). The importance is the eval-mode one (no
+    /// dropout), as from [`Mixer::f_importance`]; `train` applies to the mixed features.
+    ///
+    /// # Shapes
+    /// As [`Mixer::f_forward_t`] and [`Mixer::f_importance`]: returns `((..., mod_dim), (..., n_features))`.
+    fn f_forward_and_importance_t(
+        &self,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.f_forward_t(inp, mask, train)?,
+            self.f_importance(inp, mask)?,
+        ))
+    }
+
     /// Re-initialises every weight in place with swak's (PyTorch's) initial distributions.
     fn reset_parameters(&mut self) -> Result<()>;
 
@@ -232,9 +250,55 @@ pub(crate) fn finish(
     }
 }
 
-/// Mixes `inp` with per-feature `weights`: `(..., F) x (..., F, D) -> (..., 1, D)`.
-pub(crate) fn weighted_sum(weights: &Tensor, inp: &Tensor) -> Result<Tensor> {
-    Ok(weights.f_unsqueeze(-2)?.f_matmul(inp)?)
+/// Mixes `inp` `(..., F, D)` with per-feature `weights` (`(..., F)`, or `(F,)` shared by all
+/// instances), then applies swak's tail (dropout, skip, keep_dim). Where it is exact (no dropout
+/// in play), the skip term is folded into the weights, `w + 1/F`, so the input is read once.
+pub(crate) fn mix_weighted(
+    weights: &Tensor,
+    inp: &Tensor,
+    dropout: f64,
+    skip: bool,
+    keep_dim: bool,
+    train: bool,
+) -> Result<Tensor> {
+    let shape = inp.size();
+    let features = shape[shape.len() - 2];
+    let dropping = train && dropout > 0.0;
+    // In half precision `w + 1/F` would round the weights: keep swak's sequence there.
+    if is_half(inp.kind()) || dropping || !skip {
+        let mixed = weights.f_unsqueeze(-2)?.f_matmul(inp)?;
+        return finish(mixed, inp, dropout, skip, keep_dim, train);
+    }
+    let folded = weights.f_add_scalar(1.0 / features as f64)?;
+    let mixed = folded.f_unsqueeze(-2)?.f_matmul(inp)?;
+    Ok(if keep_dim {
+        mixed
+    } else {
+        mixed.f_squeeze_dim(-2)?
+    })
+}
+
+/// Whether autograd records operations now (it does unless inside `tch::no_grad`).
+pub(crate) fn grad_mode() -> bool {
+    // SAFETY: sets libtorch's thread-local grad mode and returns the previous value; setting it
+    // back at once leaves the state as it was.
+    unsafe {
+        let previous = torch_sys::at_grad_set_enabled(0);
+        torch_sys::at_grad_set_enabled(previous);
+        previous != 0
+    }
+}
+
+/// Whether a mixer of dtype `kind` should take PyTorch's own op sequence rather than its fast
+/// path: in half precision while autograd records, so that gradients round as PyTorch's do.
+/// (In f32/f64 the fast paths agree with PyTorch to rounding, gradients included.)
+pub(crate) fn use_reference(kind: Kind) -> bool {
+    is_half(kind) && grad_mode()
+}
+
+/// Whether `kind` is a 16-bit float (bfloat16 or float16).
+pub(crate) fn is_half(kind: Kind) -> bool {
+    matches!(kind, Kind::BFloat16 | Kind::Half)
 }
 
 /// Implements tch's `nn::ModuleT` for a mixer as a thin wrapper over [`Mixer::f_forward_t`]

@@ -2,7 +2,7 @@
 
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::attention::{AttentionConfig, AttentionCore, Query};
+use crate::attention::{AttentionConfig, AttentionCore, Pooling};
 use crate::error::Result;
 use crate::mixer::{self, Mixer};
 
@@ -87,30 +87,29 @@ impl Mixer for SelfAttentionMixer {
     }
 
     fn f_forward_t(&self, inp: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let Some(batch) = self.core.batch(inp, mask)? else {
-            return mixer::without_features(inp, self.core.config.keep_dim);
-        };
-        let dropout = if train { self.core.config.dropout } else { 0.0 };
-        let attended = self.core.attention.output(
-            Query::SelfAttention,
-            &batch.inp,
-            batch.mask.as_ref(),
-            dropout,
-        )?;
-        let mixed = attended.f_mean_dim(-2, true, None::<Kind>)?;
-        self.core.finish(mixed, &batch, inp, train)
+        let (mixed, _) = self
+            .core
+            .mix(Pooling::SelfMean, inp, mask, train, true, false)?;
+        Ok(mixed.expect("asked for"))
     }
 
     fn f_importance(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let Some(batch) = self.core.batch(inp, mask)? else {
-            return self.core.no_importance(inp);
-        };
-        let weights =
-            self.core
-                .attention
-                .weights(Query::SelfAttention, &batch.inp, batch.mask.as_ref())?;
-        self.core
-            .unflatten(weights.f_mean_dim(-2, false, None::<Kind>)?, &batch)
+        let (_, importance) = self
+            .core
+            .mix(Pooling::SelfMean, inp, mask, false, false, true)?;
+        Ok(importance.expect("asked for"))
+    }
+
+    fn f_forward_and_importance_t(
+        &self,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let (mixed, importance) = self
+            .core
+            .mix(Pooling::SelfMean, inp, mask, train, true, true)?;
+        Ok((mixed.expect("asked for"), importance.expect("asked for")))
     }
 
     fn reset_parameters(&mut self) -> Result<()> {

@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! tch-mix check [--device cpu|cuda[:N]] [--out DIR] FIXTURE_OR_DIR...
+//! tch-mix bench --mixer M --mod-dim D --n-features F [--n-heads H] --batch B --dtype T
+//!               [--device cpu|cuda[:N]] [--reps R] [--threads N]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -11,16 +13,24 @@ use anyhow::{anyhow, bail, Context, Result};
 use tch::Device;
 use tch_mix::fixture::Fixture;
 
+mod bench;
+
 const USAGE: &str = "usage:
   tch-mix check [--device cpu|cuda[:N]] [--out DIR] FIXTURE_OR_DIR...
       Checks tch-mix against tch-mix-fixture/1 files written by swak; a directory stands for the
       *.safetensors files in it. Exits 0 only if every fixture passes. --out DIR writes what
-      tch-mix computed to DIR/<fixture file name>.";
+      tch-mix computed to DIR/<fixture file name>.
+  tch-mix bench --mixer global|instance|cross|self --mod-dim D --n-features F [--n-heads H]
+                --batch B --dtype float32|float64|bfloat16|float16 [--device cpu|cuda[:N]]
+                [--reps R] [--threads N]
+      Times forward, importance and both in one call (eval, no grad) on a (B, F, D) input:
+      the median of R calls after warm-up. The last line is machine-readable.";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("check") => check(&args[1..]),
+        Some("bench") => bench::run(&args[1..]).map(|()| true),
         Some("-h" | "--help") => {
             println!("{USAGE}");
             Ok(true)
@@ -38,7 +48,7 @@ fn main() -> ExitCode {
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`, refusing CUDA where none is available.
-fn parse_device(text: &str) -> Result<Device> {
+pub(crate) fn parse_device(text: &str) -> Result<Device> {
     let device = match text {
         "cpu" => Device::Cpu,
         "cuda" => Device::Cuda(0),

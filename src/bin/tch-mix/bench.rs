@@ -1,0 +1,181 @@
+//! `tch-mix bench`: median latency of forward, importance and both in one call, eval, no grad.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tch::{nn, Device, Kind, Tensor};
+use tch_mix::fixture::kind_from_name;
+use tch_mix::{
+    AttentionConfig, CrossAttentionMixer, GlobalWeightsMixer, InstanceWeightsMixer, Mixer,
+    SelfAttentionMixer,
+};
+
+struct Options {
+    mixer: String,
+    mod_dim: i64,
+    n_features: i64,
+    n_heads: i64,
+    batch: i64,
+    dtype: String,
+    device: Device,
+    reps: usize,
+    threads: Option<i32>,
+}
+
+fn parse(args: &[String]) -> Result<Options> {
+    let mut options = Options {
+        mixer: String::new(),
+        mod_dim: 0,
+        n_features: 0,
+        n_heads: 1,
+        batch: 0,
+        dtype: "float32".into(),
+        device: Device::Cpu,
+        reps: 20,
+        threads: None,
+    };
+    let mut args = args.iter();
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
+        let number = || {
+            value
+                .parse::<i64>()
+                .with_context(|| format!("{flag}: not a number: {value}"))
+        };
+        match flag.as_str() {
+            "--mixer" => options.mixer = value.clone(),
+            "--mod-dim" => options.mod_dim = number()?,
+            "--n-features" => options.n_features = number()?,
+            "--n-heads" => options.n_heads = number()?,
+            "--batch" => options.batch = number()?,
+            "--dtype" => options.dtype = value.clone(),
+            "--device" => options.device = crate::parse_device(value)?,
+            "--reps" => options.reps = number()?.max(1) as usize,
+            "--threads" => options.threads = Some(number()? as i32),
+            other => bail!("bench: unknown option {other}"),
+        }
+    }
+    if options.mod_dim < 1 || options.n_features < 1 || options.batch < 1 {
+        bail!("bench needs --mod-dim, --n-features and --batch of at least 1");
+    }
+    Ok(options)
+}
+
+fn build(options: &Options, path: &nn::Path) -> Result<Box<dyn Mixer>> {
+    let (d, f) = (options.mod_dim, options.n_features);
+    let attention = AttentionConfig {
+        n_heads: options.n_heads,
+        ..Default::default()
+    };
+    Ok(match options.mixer.as_str() {
+        "global" => Box::new(GlobalWeightsMixer::new(path, d, f, Default::default())?),
+        "instance" => Box::new(InstanceWeightsMixer::new(path, d, f, Default::default())?),
+        "cross" => Box::new(CrossAttentionMixer::new(path, d, attention)?),
+        "self" => Box::new(SelfAttentionMixer::new(path, d, attention)?),
+        other => bail!("--mixer: expected global, instance, cross or self, got {other:?}"),
+    })
+}
+
+/// The median wall time of `reps` calls in milliseconds, after warm-up, device-synchronised.
+fn median_ms(
+    reps: usize,
+    device: Device,
+    mut call: impl FnMut() -> tch_mix::Result<()>,
+) -> Result<f64> {
+    let sync = || {
+        if let Device::Cuda(index) = device {
+            tch::Cuda::synchronize(index as i64);
+        }
+    };
+    for _ in 0..reps.clamp(2, 5) {
+        call()?;
+    }
+    sync();
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = Instant::now();
+        call()?;
+        sync();
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Peak resident memory (VmHWM) growth of one call in MiB, on Linux; the kernel's peak counter is
+/// reset through /proc/self/clear_refs first.
+fn peak_extra_mib(call: impl FnOnce() -> tch_mix::Result<()>) -> Result<Option<f64>> {
+    let read = |field: &str| -> Option<f64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with(field))?;
+        let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib / 1024.0)
+    };
+    if std::fs::write("/proc/self/clear_refs", "5").is_err() {
+        call()?;
+        return Ok(None);
+    }
+    let before = read("VmRSS:");
+    call()?;
+    Ok(before
+        .zip(read("VmHWM:"))
+        .map(|(before, peak)| peak - before))
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let options = parse(args)?;
+    if let Some(threads) = options.threads {
+        tch::set_num_threads(threads);
+    }
+    let kind: Kind =
+        kind_from_name(&options.dtype).with_context(|| format!("--dtype {}", options.dtype))?;
+    let mut vs = nn::VarStore::new(options.device);
+    vs.set_kind(kind);
+    let mixer = build(&options, &vs.root())?;
+    let shape = [options.batch, options.n_features, options.mod_dim];
+    let inp = Tensor::f_randn(shape, (kind, options.device))?;
+    let reps = options.reps;
+    let _guard = tch::no_grad_guard();
+    let forward = median_ms(reps, options.device, || {
+        mixer.f_forward_t(&inp, None, false).map(drop)
+    })?;
+    let importance = median_ms(reps, options.device, || {
+        mixer.f_importance(&inp, None).map(drop)
+    })?;
+    let both = median_ms(reps, options.device, || {
+        mixer
+            .f_forward_and_importance_t(&inp, None, false)
+            .map(drop)
+    })?;
+    let input_mib = inp.numel() as f64 * kind.elt_size_in_bytes() as f64 / (1 << 20) as f64;
+    let extra = match options.device {
+        Device::Cpu => peak_extra_mib(|| mixer.f_forward_t(&inp, None, false).map(drop))?,
+        _ => None,
+    };
+    println!(
+        "tch-mix {} mod_dim={} n_features={} n_heads={} input {:?} {} on {:?}, {} threads, median of {reps}",
+        options.mixer,
+        options.mod_dim,
+        options.n_features,
+        options.n_heads,
+        shape,
+        options.dtype,
+        options.device,
+        tch::get_num_threads()
+    );
+    let memory = extra.map_or(String::new(), |mib| {
+        format!(" input_mib={input_mib:.1} forward_peak_extra_mib={mib:.1}")
+    });
+    let device = match options.device {
+        Device::Cpu => "cpu".to_string(),
+        Device::Cuda(index) => format!("cuda:{index}"),
+        other => format!("{other:?}"),
+    };
+    println!(
+        "mixer={} batch={} dtype={} device={device} forward_ms={forward:.4} importance_ms={importance:.4} both_ms={both:.4}{memory}",
+        options.mixer, options.batch, options.dtype
+    );
+    Ok(())
+}
