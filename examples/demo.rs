@@ -46,10 +46,7 @@ fn demo(dir: &std::path::Path, name: &str) -> Result<bool> {
 
     let batch = fixture.tensor("input")?;
     let (mixed, importance) = tch::no_grad(|| -> Result<_> {
-        Ok((
-            mixer.f_forward_t(batch, None, false)?,
-            mixer.f_importance(batch, None)?,
-        ))
+        Ok((mixer.f_forward_t(batch, None, false)?, mixer.f_importance(batch, None)?))
     })?;
     println!(
         "== {name} ({:?} -> {:?}), weights from {}",
@@ -61,21 +58,12 @@ fn demo(dir: &std::path::Path, name: &str) -> Result<bool> {
     let shares = Vec::<f64>::try_from(&mean)?;
     for (feature, share) in shares.iter().enumerate() {
         let bar = "#".repeat((share * 50.0).round() as usize);
-        let marker = if [1, 4].contains(&feature) {
-            " <- informative"
-        } else {
-            ""
-        };
+        let marker = if [1, 4].contains(&feature) { " <- informative" } else { "" };
         println!("  feature {feature} {share:>6.3} {bar}{marker}");
     }
     let tol = tolerance(mixed.kind());
     let output = compare("output", &mixed, fixture.tensor("output")?, tol)?;
-    let weights_cmp = compare(
-        "importance",
-        &importance,
-        fixture.tensor("importance")?,
-        tol,
-    )?;
+    let weights_cmp = compare("importance", &importance, fixture.tensor("importance")?, tol)?;
     let passed = output.passed && weights_cmp.passed;
     println!(
         "  parity with swak: output max abs err {:.1e}, importance max abs err {:.1e} -> {}\n",

@@ -10,6 +10,7 @@
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::{MixError, Result};
+use crate::kernels;
 use crate::mixer;
 
 /// What attends to the keys: a learned-projection constant query (cross-attention) or the keys
@@ -64,22 +65,14 @@ impl MultiheadAttention {
         let in_proj_weight =
             mixer::add_variable(path, "in_proj_weight", empty(&[3 * embed_dim, embed_dim])?)?;
         let in_proj_bias = match bias {
-            true => Some(mixer::add_variable(
-                path,
-                "in_proj_bias",
-                empty(&[3 * embed_dim])?,
-            )?),
+            true => Some(mixer::add_variable(path, "in_proj_bias", empty(&[3 * embed_dim])?)?),
             false => None,
         };
         let out_proj = path / "out_proj";
         let out_proj_weight =
             mixer::add_variable(&out_proj, "weight", empty(&[embed_dim, embed_dim])?)?;
         let out_proj_bias = match bias {
-            true => Some(mixer::add_variable(
-                &out_proj,
-                "bias",
-                empty(&[embed_dim])?,
-            )?),
+            true => Some(mixer::add_variable(&out_proj, "bias", empty(&[embed_dim])?)?),
             false => None,
         };
         let mut attention = Self {
@@ -105,9 +98,8 @@ impl MultiheadAttention {
         let bound = (6.0 / (4 * self.embed_dim) as f64).sqrt();
         tch::no_grad(|| -> Result<()> {
             let _ = self.in_proj_weight.f_uniform_(-bound, bound)?;
-            for bias in [self.in_proj_bias.as_mut(), self.out_proj_bias.as_mut()]
-                .into_iter()
-                .flatten()
+            for bias in
+                [self.in_proj_bias.as_mut(), self.out_proj_bias.as_mut()].into_iter().flatten()
             {
                 let _ = bias.f_zero_()?;
             }
@@ -155,25 +147,19 @@ impl MultiheadAttention {
         };
         let (q, k, v) = match query {
             Query::SelfAttention => {
-                let proj = split(
-                    key.f_linear(&self.in_proj_weight, self.in_proj_bias.as_ref())?,
-                    3,
-                )?;
+                let proj =
+                    split(key.f_linear(&self.in_proj_weight, self.in_proj_bias.as_ref())?, 3)?;
                 (proj.f_get(0)?, proj.f_get(1)?, proj.f_get(2)?)
             }
             Query::Cross(query) => {
                 let weights = self.in_proj_weight.f_split_with_sizes([d, 2 * d], 0)?;
                 let biases = match &self.in_proj_bias {
-                    Some(bias) => bias
-                        .f_split_with_sizes([d, 2 * d], 0)?
-                        .into_iter()
-                        .map(Some)
-                        .collect(),
+                    Some(bias) => {
+                        bias.f_split_with_sizes([d, 2 * d], 0)?.into_iter().map(Some).collect()
+                    }
                     None => vec![None, None],
                 };
-                let q = query
-                    .f_transpose(1, 0)?
-                    .f_linear(&weights[0], biases[0].as_ref())?;
+                let q = query.f_transpose(1, 0)?.f_linear(&weights[0], biases[0].as_ref())?;
                 let kv = split(key.f_linear(&weights[1], biases[1].as_ref())?, 2)?;
                 (q, kv.f_get(0)?, kv.f_get(1)?)
             }
@@ -181,8 +167,7 @@ impl MultiheadAttention {
         let l = q.size()[0];
         let head_dim = d / self.n_heads;
         let heads = |t: Tensor, len: i64| -> Result<Tensor> {
-            Ok(t.f_view([len, n * self.n_heads, head_dim])?
-                .f_transpose(0, 1)?)
+            Ok(t.f_view([len, n * self.n_heads, head_dim])?.f_transpose(0, 1)?)
         };
         Ok((heads(q, l)?, heads(k, s)?, heads(v, s)?))
     }
@@ -190,10 +175,11 @@ impl MultiheadAttention {
     /// PyTorch's key padding mask for `n` batches: `(N, S)` -> `(N H, 1, S)`.
     fn head_mask(&self, mask: &Tensor) -> Result<Tensor> {
         let (n, s) = mask.size2()?;
-        Ok(mask
-            .f_view([n, 1, 1, s])?
-            .f_expand([-1, self.n_heads, -1, -1], false)?
-            .f_reshape([n * self.n_heads, 1, s])?)
+        Ok(mask.f_view([n, 1, 1, s])?.f_expand([-1, self.n_heads, -1, -1], false)?.f_reshape([
+            n * self.n_heads,
+            1,
+            s,
+        ])?)
     }
 
     /// The attention output, PyTorch's `need_weights=False` path (scaled dot-product attention).
@@ -239,13 +225,9 @@ impl MultiheadAttention {
             None,
             false,
         )?;
-        let out = out
-            .f_permute([2, 0, 1, 3])?
-            .f_contiguous()?
-            .f_view([n * l, d])?;
-        let out = out
-            .f_linear(&self.out_proj_weight, self.out_proj_bias.as_ref())?
-            .f_view([l, n, d])?;
+        let out = out.f_permute([2, 0, 1, 3])?.f_contiguous()?.f_view([n * l, d])?;
+        let out =
+            out.f_linear(&self.out_proj_weight, self.out_proj_bias.as_ref())?.f_view([l, n, d])?;
         Ok(out.f_transpose(1, 0)?)
     }
 
@@ -274,9 +256,7 @@ impl MultiheadAttention {
             }
             None => q_scaled.f_bmm(&k_t)?.f_softmax(-1, None::<Kind>)?,
         };
-        Ok(weights
-            .f_view([n, self.n_heads, l, s])?
-            .f_mean_dim(1, false, None::<Kind>)?)
+        Ok(weights.f_view([n, self.n_heads, l, s])?.f_mean_dim(1, false, None::<Kind>)?)
     }
 
     /// Attention pooling as the mixers need it, computed along the shortest path: the mixed vector
@@ -304,47 +284,74 @@ impl MultiheadAttention {
         dropout: f64,
         output: bool,
         importance: bool,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<Pooled> {
         let kind = inp.kind();
-        let (heads, importance) = if mixer::is_half(kind) {
-            // Half precision pools in f32, then rounds the heads' output to half precision for
-            // the output projection, where PyTorch rounds its attention output: the reordered
-            // sums would otherwise round differently by more than half precision resolves.
-            let up = |t: &Tensor| t.f_to_kind(Kind::Float);
-            let up_opt = |t: &Option<Tensor>| t.as_ref().map(up).transpose();
-            let wide = Self {
-                in_proj_weight: up(&self.in_proj_weight)?,
-                in_proj_bias: up_opt(&self.in_proj_bias)?,
-                out_proj_weight: self.out_proj_weight.shallow_clone(),
-                out_proj_bias: None,
-                embed_dim: self.embed_dim,
-                n_heads: self.n_heads,
+        let (n, f, d) = inp.size3()?;
+        let chunk = (CHUNK_BYTES / (f * d * kind.elt_size_in_bytes() as i64).max(1)).max(1);
+        if n > chunk && dropout == 0.0 && kernels::applies(&[inp, &self.in_proj_weight]) {
+            // Large inference batches go in chunks that stay in the cache from the scores to
+            // the pooling, and whose buffers the allocator reuses instead of mapping new pages.
+            let mut parts = Vec::new();
+            for (index, part) in inp.f_split(chunk, 0)?.iter().enumerate() {
+                let mask = match mask {
+                    Some(mask) => Some(mask.f_narrow(0, index as i64 * chunk, part.size()[0])?),
+                    None => None,
+                };
+                parts.push(self.pool(pooling, part, mask.as_ref(), dropout, output, importance)?);
+            }
+            let cat = |pick: fn(&Pooled) -> Option<&Tensor>| -> Result<Option<Tensor>> {
+                let tensors: Option<Vec<&Tensor>> = parts.iter().map(pick).collect();
+                Ok(match tensors {
+                    Some(tensors) => Some(Tensor::f_cat(&tensors, 0)?),
+                    None => None,
+                })
             };
-            let mask = mask.map(up).transpose()?;
-            let (heads, importance) = wide.pool_heads(
-                pooling,
-                &up(inp)?,
-                mask.as_ref(),
-                dropout,
-                output,
-                importance,
-            )?;
-            let down = |t: Option<Tensor>| t.map(|t| t.f_to_kind(kind)).transpose();
-            (down(heads)?, down(importance)?)
-        } else {
-            self.pool_heads(pooling, inp, mask, dropout, output, importance)?
+            return Ok(Pooled {
+                mixed: cat(|p| p.mixed.as_ref())?,
+                importance: cat(|p| p.importance.as_ref())?,
+                mean: cat(|p| p.mean.as_ref())?,
+            });
+        }
+        if !mixer::is_half(kind) {
+            let pooled = self.pool_heads(pooling, inp, mask, dropout, output, importance)?;
+            return self.project_out(pooled);
+        }
+        // Half precision pools in f32, then rounds the heads' output to half precision for the
+        // output projection, where PyTorch rounds its attention output: the reordered sums
+        // would otherwise round differently by more than half precision resolves.
+        let up = |t: &Tensor| t.f_to_kind(Kind::Float);
+        let wide = Self {
+            in_proj_weight: up(&self.in_proj_weight)?,
+            in_proj_bias: self.in_proj_bias.as_ref().map(up).transpose()?,
+            out_proj_weight: self.out_proj_weight.shallow_clone(),
+            out_proj_bias: None,
+            embed_dim: self.embed_dim,
+            n_heads: self.n_heads,
         };
-        let mixed = match heads {
+        let mask = mask.map(up).transpose()?;
+        let pooled =
+            wide.pool_heads(pooling, &up(inp)?, mask.as_ref(), dropout, output, importance)?;
+        let down = |t: Option<Tensor>| t.map(|t| t.f_to_kind(kind)).transpose();
+        self.project_out(Pooled {
+            mixed: down(pooled.mixed)?,
+            importance: down(pooled.importance)?,
+            mean: down(pooled.mean)?,
+        })
+    }
+
+    /// Applies the output projection to the heads' output in `pooled.mixed`.
+    fn project_out(&self, pooled: Pooled) -> Result<Pooled> {
+        let mixed = match pooled.mixed {
             Some(heads) => {
                 Some(heads.f_linear(&self.out_proj_weight, self.out_proj_bias.as_ref())?)
             }
             None => None,
         };
-        Ok((mixed, importance))
+        Ok(Pooled { mixed, ..pooled })
     }
 
-    /// [`MultiheadAttention::pool`] up to the output projection: the heads' concatenated output
-    /// `(N, D)` and the importance `(N, F)`.
+    /// [`MultiheadAttention::pool`] up to the output projection: `mixed` holds the heads'
+    /// concatenated output `(N, D)`.
     fn pool_heads(
         &self,
         pooling: Pooling,
@@ -353,44 +360,123 @@ impl MultiheadAttention {
         dropout: f64,
         output: bool,
         importance: bool,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<Pooled> {
         let (n, _, d) = inp.size3()?;
-        let weights = self.pooling_weights(pooling, inp, mask)?;
-        // Per head and key: cross-attention has one query, self-attention averages its queries.
-        let per_key = |w: &Tensor| -> Result<Tensor> {
-            Ok(match pooling {
-                Pooling::Cross => w.shallow_clone(),
-                Pooling::SelfMean => w.f_mean_dim(2, false, None::<Kind>)?,
+        let (h, hd) = (self.n_heads, d / self.n_heads);
+        let average_heads = |w: &Tensor| -> Result<Option<Tensor>> {
+            Ok(match importance {
+                true => Some(w.f_mean_dim(1, false, None::<Kind>)?),
+                false => None,
             })
         };
-        let importance = match importance {
-            true => Some(per_key(&weights)?.f_mean_dim(1, false, None::<Kind>)?),
-            false => None,
-        };
+        // The weights per head and key `(N, H, F)`: cross-attention has one query,
+        // self-attention averages its queries. Inference on the CPU takes the one-pass kernels,
+        // which also pool the inputs (and their mean, the skip term) into `(H + 1, N, D)`.
+        let (key_weights, pooled, importance) =
+            match self.pool_kernel(pooling, inp, mask, dropout, output)? {
+                Some((key_weights, pooled)) => {
+                    let importance = average_heads(&key_weights)?;
+                    (key_weights, pooled, importance)
+                }
+                None => {
+                    let weights = self.pooling_weights(pooling, inp, mask)?;
+                    let per_key = |w: Tensor| -> Result<Tensor> {
+                        Ok(match pooling {
+                            Pooling::Cross => w,
+                            Pooling::SelfMean => w.f_mean_dim(2, false, None::<Kind>)?,
+                        })
+                    };
+                    let importance = average_heads(&per_key(weights.shallow_clone())?)?;
+                    let dropped = match dropout > 0.0 {
+                        true => weights.f_dropout(dropout, true)?,
+                        false => weights,
+                    };
+                    (per_key(dropped)?, None, importance)
+                }
+            };
         if !output {
-            return Ok((None, importance));
+            return Ok(Pooled { mixed: None, importance, mean: None });
         }
-        let dropped = match dropout > 0.0 {
-            true => weights.f_dropout(dropout, true)?,
-            false => weights,
+        let (pooled, mean) = match pooled {
+            Some(pooled) => (pooled.f_narrow(0, 0, h)?, Some(pooled.f_get(h)?)),
+            None => (key_weights.f_matmul(inp)?.f_transpose(0, 1)?, None), // (H, N, D)
         };
-        let pooling_weights = per_key(&dropped)?; // (N, H, F)
-        let pooled = pooling_weights.f_matmul(inp)?; // (N, H, D)
-        let (h, hd) = (self.n_heads, d / self.n_heads);
-        let w_v = self
-            .in_proj_weight
-            .f_narrow(0, 2 * d, d)?
-            .f_view([h, hd, d])?;
-        let mut heads = pooled
-            .f_transpose(0, 1)?
-            .f_bmm(&w_v.f_transpose(1, 2)?)?
-            .f_transpose(0, 1)?; // (N, H, hd)
+        let w_v = self.in_proj_weight.f_narrow(0, 2 * d, d)?.f_view([h, hd, d])?;
+        let mut heads = pooled.f_bmm(&w_v.f_transpose(1, 2)?)?.f_transpose(0, 1)?; // (N, H, hd)
         if let Some(bias) = &self.in_proj_bias {
             let b_v = bias.f_narrow(0, 2 * d, d)?.f_view([1, h, hd])?;
-            let total = pooling_weights.f_sum_dim_intlist(-1, true, None::<Kind>)?; // (N, H, 1)
+            let total = key_weights.f_sum_dim_intlist(-1, true, None::<Kind>)?; // (N, H, 1)
             heads = heads.f_add(&total.f_mul(&b_v)?)?;
         }
-        Ok((Some(heads.f_reshape([n, d])?), importance))
+        Ok(Pooled { mixed: Some(heads.f_reshape([n, d])?), importance, mean })
+    }
+
+    /// The one-pass CPU kernels for inference: the per-key weights `(N, H, F)` and, if
+    /// `output`, the pooled inputs and their mean `(H + 1, N, D)`; `None` where they do not
+    /// apply (autograd, dropout, CUDA, half precision).
+    fn pool_kernel(
+        &self,
+        pooling: Pooling,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+        dropout: f64,
+        output: bool,
+    ) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        let mut tensors = vec![inp, &self.in_proj_weight];
+        tensors.extend(mask);
+        if dropout > 0.0 || !kernels::applies(&tensors) {
+            return Ok(None);
+        }
+        let (_, _, d) = inp.size3()?;
+        let (h, hd) = (self.n_heads, d / self.n_heads);
+        let scale = 1.0 / (hd as f64).sqrt();
+        Ok(match pooling {
+            Pooling::Cross => {
+                let weights = self.pooling_weights(pooling, inp, mask)?;
+                let pooled = match output {
+                    true => kernels::pool(&weights, inp, true)?,
+                    false => None,
+                };
+                Some((weights, pooled))
+            }
+            Pooling::SelfMean => {
+                let qk = self.self_queries_keys(inp)?;
+                match kernels::self_weights(&qk, h, scale, mask)? {
+                    Some(weights) => {
+                        let pooled = match output {
+                            true => kernels::pool(&weights, inp, true)?,
+                            false => None,
+                        };
+                        Some((weights, pooled))
+                    }
+                    None => None,
+                }
+            }
+        })
+    }
+
+    /// Cross-attention's key projection folded with its constant query: `u_h = W_k,h^T q_h`
+    /// with `q = W_q 1 + b_q`, `(H, D)`; then `q_h . k_h(x) = u_h . x + const_h`.
+    fn cross_key_vectors(&self, d: i64) -> Result<Tensor> {
+        let (h, hd) = (self.n_heads, d / self.n_heads);
+        let w_q = self.in_proj_weight.f_narrow(0, 0, d)?;
+        let mut q = w_q.f_sum_dim_intlist(1, false, None::<Kind>)?;
+        if let Some(bias) = &self.in_proj_bias {
+            q = q.f_add(&bias.f_narrow(0, 0, d)?)?;
+        }
+        let w_k = self.in_proj_weight.f_narrow(0, d, d)?.f_view([h, hd, d])?;
+        Ok(q.f_view([h, 1, hd])?.f_bmm(&w_k)?.f_view([h, d])?)
+    }
+
+    /// Self-attention's queries and keys, `(N, F, 2 D)`: the one projection it cannot avoid.
+    fn self_queries_keys(&self, inp: &Tensor) -> Result<Tensor> {
+        let d = self.embed_dim;
+        let w_qk = self.in_proj_weight.f_narrow(0, 0, 2 * d)?;
+        let b_qk = match &self.in_proj_bias {
+            Some(bias) => Some(bias.f_narrow(0, 0, 2 * d)?),
+            None => None,
+        };
+        Ok(inp.f_linear(&w_qk, b_qk.as_ref())?)
     }
 
     /// The softmaxed attention weights the pooling needs, per head: `(N, H, F)` for the constant
@@ -406,35 +492,14 @@ impl MultiheadAttention {
         let scale = 1.0 / (hd as f64).sqrt();
         let (scores, mask_shape) = match pooling {
             Pooling::Cross => {
-                // q = W_q 1 + b_q, the projected constant query; u_h = W_k,h^T q_h / sqrt(hd).
-                let mut q = self.in_proj_weight.f_narrow(0, 0, d)?.f_sum_dim_intlist(
-                    1,
-                    false,
-                    None::<Kind>,
-                )?;
-                if let Some(bias) = &self.in_proj_bias {
-                    q = q.f_add(&bias.f_narrow(0, 0, d)?)?;
-                }
-                let w_k = self.in_proj_weight.f_narrow(0, d, d)?.f_view([h, hd, d])?;
-                let u = q.f_view([h, 1, hd])?.f_bmm(&w_k)?.f_view([h, d])?;
-                let scores = inp.f_matmul(&u.f_mul_scalar(scale)?.f_transpose(0, 1)?)?; // (N, F, H)
+                let u = self.cross_key_vectors(d)?.f_mul_scalar(scale)?;
+                let scores = inp.f_matmul(&u.f_transpose(0, 1)?)?; // (N, F, H)
                 (scores.f_transpose(1, 2)?, vec![n, 1, f])
             }
             Pooling::SelfMean => {
-                let w_qk = self.in_proj_weight.f_narrow(0, 0, 2 * d)?;
-                let b_qk = match &self.in_proj_bias {
-                    Some(bias) => Some(bias.f_narrow(0, 0, 2 * d)?),
-                    None => None,
-                };
-                let qk = inp.f_linear(&w_qk, b_qk.as_ref())?; // (N, F, 2 D)
-                let q = qk
-                    .f_narrow(-1, 0, d)?
-                    .f_view([n, f, h, hd])?
-                    .f_transpose(1, 2)?;
-                let k = qk
-                    .f_narrow(-1, d, d)?
-                    .f_view([n, f, h, hd])?
-                    .f_permute([0, 2, 3, 1])?;
+                let qk = self.self_queries_keys(inp)?; // (N, F, 2 D)
+                let q = qk.f_narrow(-1, 0, d)?.f_view([n, f, h, hd])?.f_transpose(1, 2)?;
+                let k = qk.f_narrow(-1, d, d)?.f_view([n, f, h, hd])?.f_permute([0, 2, 3, 1])?;
                 let scores = q.f_mul_scalar(scale)?.f_matmul(&k)?; // (N, H, F, F)
                 (scores, vec![n, 1, 1, f])
             }
@@ -447,10 +512,23 @@ impl MultiheadAttention {
         // finite softmax underneath so that no NaN reaches the gradients.
         let dead = mask.f_isneginf()?.f_all_dim(-1, true)?;
         let scores = scores.f_add(&mask)?.f_masked_fill(&dead, 0.0)?;
-        Ok(scores
-            .f_softmax(-1, None::<Kind>)?
-            .f_masked_fill(&dead, 0.0)?)
+        Ok(scores.f_softmax(-1, None::<Kind>)?.f_masked_fill(&dead, 0.0)?)
     }
+}
+
+/// Input bytes per chunk of a large inference batch (about the size of a last-level cache).
+const CHUNK_BYTES: i64 = 32 << 20;
+
+/// What [`MultiheadAttention::pool`] returns; each part only where it was asked for or known.
+#[derive(Debug)]
+pub struct Pooled {
+    /// The mixed vectors `(N, D)`: the attention output (averaged over queries).
+    pub mixed: Option<Tensor>,
+    /// The importance `(N, F)`: attention weights averaged over heads (and queries).
+    pub importance: Option<Tensor>,
+    /// The mean of the inputs over the features `(N, D)`, where the pooling computed it anyway
+    /// (the mixers' skip term).
+    pub mean: Option<Tensor>,
 }
 
 /// How the attention mixers pool: which query attends, and how its results are combined.
@@ -481,13 +559,7 @@ pub struct AttentionConfig {
 
 impl Default for AttentionConfig {
     fn default() -> Self {
-        Self {
-            n_heads: 1,
-            bias: true,
-            dropout: 0.0,
-            skip: true,
-            keep_dim: false,
-        }
+        Self { n_heads: 1, bias: true, dropout: 0.0, skip: true, keep_dim: false }
     }
 }
 
@@ -524,11 +596,7 @@ impl AttentionCore {
             kind,
             device,
         )?;
-        Ok(Self {
-            attention,
-            mod_dim,
-            config,
-        })
+        Ok(Self { attention, mod_dim, config })
     }
 
     pub(crate) fn kind(&self) -> Kind {
@@ -547,11 +615,7 @@ impl AttentionCore {
             "out_proj.weight" => "attention.out_proj.weight",
             _ => "attention.out_proj.bias",
         };
-        self.attention
-            .variables()
-            .into_iter()
-            .map(|(key, t)| (prefixed(key), t))
-            .collect()
+        self.attention.variables().into_iter().map(|(key, t)| (prefixed(key), t)).collect()
     }
 
     /// Validates `inp` and `mask`; `None` for an input without features, else the flattened batch.
@@ -564,17 +628,10 @@ impl AttentionCore {
             return Ok(None);
         }
         let mask = match mask {
-            Some(mask) => Some(
-                self.attention
-                    .additive_mask(&mask.f_reshape([-1, features])?)?,
-            ),
+            Some(mask) => Some(self.attention.additive_mask(&mask.f_reshape([-1, features])?)?),
             None => None,
         };
-        Ok(Some(Batch {
-            inp: inp.f_reshape([-1, features, self.mod_dim])?,
-            mask,
-            leading,
-        }))
+        Ok(Some(Batch { inp: inp.f_reshape([-1, features, self.mod_dim])?, mask, leading }))
     }
 
     /// [`MultiheadAttention::pool`] along PyTorch's own op sequence ([`MultiheadAttention::output`]
@@ -586,7 +643,7 @@ impl AttentionCore {
         dropout: f64,
         output: bool,
         importance: bool,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<Pooled> {
         let (n, _, d) = batch.inp.size3()?;
         let ones = Tensor::f_ones([1, d], (self.kind(), self.device()))?;
         let constant = ones.f_expand([n, 1, d], false)?;
@@ -597,18 +654,14 @@ impl AttentionCore {
         let (inp, mask) = (&batch.inp, batch.mask.as_ref());
         let mean_over_queries = |t: Tensor| t.f_mean_dim(1, false, None::<Kind>);
         let mixed = match output {
-            true => Some(mean_over_queries(
-                self.attention.output(query, inp, mask, dropout)?,
-            )?),
+            true => Some(mean_over_queries(self.attention.output(query, inp, mask, dropout)?)?),
             false => None,
         };
         let weights = match importance {
-            true => Some(mean_over_queries(
-                self.attention.weights(query, inp, mask)?,
-            )?),
+            true => Some(mean_over_queries(self.attention.weights(query, inp, mask)?)?),
             false => None,
         };
-        Ok((mixed, weights))
+        Ok(Pooled { mixed, importance: weights, mean: None })
     }
 
     /// Runs one attention mixer: the mixed features `(..., mod_dim)` (or `(..., 1, mod_dim)` with
@@ -628,32 +681,23 @@ impl AttentionCore {
             let mixed = mixer::without_features(inp, self.config.keep_dim)?;
             return Ok((output.then_some(mixed), importance.then_some(none)));
         };
-        let AttentionConfig {
-            dropout,
-            skip,
-            keep_dim,
-            ..
-        } = self.config;
+        let AttentionConfig { dropout, skip, keep_dim, .. } = self.config;
         let p = if train { dropout } else { 0.0 };
-        let (mixed, weights) = match mixer::use_reference(self.kind()) {
+        let Pooled { mixed, importance: weights, mean } = match mixer::use_reference(self.kind()) {
             true => self.reference(pooling, &batch, p, output, importance)?,
             false => {
                 let mask = batch.mask.as_ref();
-                self.attention
-                    .pool(pooling, &batch.inp, mask, p, output, importance)?
+                self.attention.pool(pooling, &batch.inp, mask, p, output, importance)?
             }
         };
         let mixed = match mixed {
             Some(mixed) => {
-                let shape: Vec<i64> = batch
-                    .leading
-                    .iter()
-                    .copied()
-                    .chain([1, self.mod_dim])
-                    .collect();
+                let shape: Vec<i64> =
+                    batch.leading.iter().copied().chain([1, self.mod_dim]).collect();
                 Some(mixer::finish(
                     mixed.f_reshape(shape)?,
                     inp,
+                    mean,
                     dropout,
                     skip,
                     keep_dim,
@@ -664,12 +708,8 @@ impl AttentionCore {
         };
         let weights = match weights {
             Some(weights) => {
-                let shape: Vec<i64> = batch
-                    .leading
-                    .iter()
-                    .copied()
-                    .chain([weights.size()[1]])
-                    .collect();
+                let shape: Vec<i64> =
+                    batch.leading.iter().copied().chain([weights.size()[1]]).collect();
                 Some(weights.f_reshape(shape)?)
             }
             None => None,

@@ -111,25 +111,16 @@ pub(crate) fn copy_strict(targets: Vec<(String, Tensor)>, state: &StateDict) -> 
             Some(_) => {}
         }
     }
-    let unexpected: Vec<String> = state
-        .keys()
-        .filter(|k| !wanted.contains(k))
-        .map(str::to_string)
-        .collect();
+    let unexpected: Vec<String> =
+        state.keys().filter(|k| !wanted.contains(k)).map(str::to_string).collect();
     if !(missing.is_empty() && unexpected.is_empty() && mismatched.is_empty()) {
         missing.sort();
-        return Err(MixError::StrictLoad {
-            missing,
-            unexpected,
-            mismatched,
-        });
+        return Err(MixError::StrictLoad { missing, unexpected, mismatched });
     }
     tch::no_grad(|| -> Result<()> {
         for (key, mut target) in targets {
             let source = state.get(&key).expect("checked above");
-            let source = source
-                .f_to_kind(target.kind())?
-                .f_to_device(target.device())?;
+            let source = source.f_to_kind(target.kind())?.f_to_device(target.device())?;
             target.f_copy_(&source)?;
         }
         Ok(())
@@ -137,17 +128,11 @@ pub(crate) fn copy_strict(targets: Vec<(String, Tensor)>, state: &StateDict) -> 
 }
 
 fn format_error(path: &Path, reason: impl Into<String>) -> MixError {
-    MixError::Format {
-        path: path.display().to_string(),
-        reason: reason.into(),
-    }
+    MixError::Format { path: path.display().to_string(), reason: reason.into() }
 }
 
 fn read_bytes(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| MixError::Io {
-        path: path.display().to_string(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| MixError::Io { path: path.display().to_string(), source })
 }
 
 /// Named tensors and the string metadata of a safetensors file.
@@ -157,10 +142,7 @@ pub(crate) type SafetensorsContent = (Vec<(String, Tensor)>, HashMap<String, Str
 pub(crate) fn read_safetensors(bytes: &[u8], path: &Path) -> Result<SafetensorsContent> {
     use safetensors::SafeTensors;
     let not_safetensors = |e: safetensors::SafeTensorError| {
-        format_error(
-            path,
-            format!("neither a torch.save zip archive nor safetensors ({e:?})"),
-        )
+        format_error(path, format!("neither a torch.save zip archive nor safetensors ({e:?})"))
     };
     let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(not_safetensors)?;
     let tensors = SafeTensors::deserialize(bytes).map_err(not_safetensors)?;
@@ -192,8 +174,7 @@ fn read_torch_zip(bytes: &[u8], path: &Path) -> Result<StateDict> {
             Err(e) => return Err(bad(format!("{name}: {e}"))),
         };
         let mut buffer = Vec::new();
-        file.read_to_end(&mut buffer)
-            .map_err(|e| bad(format!("{name}: {e}")))?;
+        file.read_to_end(&mut buffer).map_err(|e| bad(format!("{name}: {e}")))?;
         Ok(Some(buffer))
     };
     if let Some(order) = read_entry(&format!("{dir}byteorder"))? {
@@ -205,29 +186,18 @@ fn read_torch_zip(bytes: &[u8], path: &Path) -> Result<StateDict> {
         }
     }
     let pickle = read_entry(&pickle_name)?.expect("listed above");
-    let root = Unpickler::new(&pickle)
-        .run()
-        .map_err(|e| bad(format!("data.pkl: {e}")))?;
+    let root = Unpickler::new(&pickle).run().map_err(|e| bad(format!("data.pkl: {e}")))?;
     let Value::Dict(items) = root else {
-        return Err(bad(format!(
-            "the pickled object is a {}, not a state dict",
-            root.type_name()
-        )));
+        return Err(bad(format!("the pickled object is a {}, not a state dict", root.type_name())));
     };
     let mut storages: HashMap<String, Tensor> = HashMap::new();
     let mut entries = Vec::with_capacity(items.len());
     for (key, value) in items {
         let Value::Str(key) = key else {
-            return Err(bad(format!(
-                "state dict key {} is not a string",
-                key.type_name()
-            )));
+            return Err(bad(format!("state dict key {} is not a string", key.type_name())));
         };
         let Value::Tensor(spec) = value else {
-            return Err(bad(format!(
-                "{key:?} holds a {}, not a tensor",
-                value.type_name()
-            )));
+            return Err(bad(format!("{key:?} holds a {}, not a tensor", value.type_name())));
         };
         if !storages.contains_key(&spec.storage.key) {
             let name = format!("{dir}data/{}", spec.storage.key);
@@ -236,9 +206,8 @@ fn read_torch_zip(bytes: &[u8], path: &Path) -> Result<StateDict> {
                 storage_tensor(&data, &spec.storage).map_err(|e| bad(format!("{name}: {e}")))?;
             storages.insert(spec.storage.key.clone(), storage);
         }
-        let tensor = spec
-            .view(&storages[&spec.storage.key])
-            .map_err(|e| bad(format!("{key:?}: {e}")))?;
+        let tensor =
+            spec.view(&storages[&spec.storage.key]).map_err(|e| bad(format!("{key:?}: {e}")))?;
         entries.push((key, tensor));
     }
     Ok(StateDict::new(entries))
@@ -267,20 +236,12 @@ impl TensorSpec {
         if self.size.len() != self.stride.len()
             || self.size.iter().chain(&self.stride).any(|&n| n < 0)
         {
-            return Err(format!(
-                "invalid size {:?} / stride {:?}",
-                self.size, self.stride
-            ));
+            return Err(format!("invalid size {:?} / stride {:?}", self.size, self.stride));
         }
         let numel: i64 = self.size.iter().product();
         if numel > 0 {
             let last = self.offset
-                + self
-                    .size
-                    .iter()
-                    .zip(&self.stride)
-                    .map(|(n, s)| (n - 1) * s)
-                    .sum::<i64>();
+                + self.size.iter().zip(&self.stride).map(|(n, s)| (n - 1) * s).sum::<i64>();
             if self.offset < 0 || last >= self.storage.numel {
                 return Err(format!(
                     "view (offset {}, size {:?}, stride {:?}) exceeds its storage of {} elements",
@@ -382,19 +343,11 @@ type PickleResult<T> = std::result::Result<T, String>;
 
 impl<'a> Unpickler<'a> {
     fn new(data: &'a [u8]) -> Self {
-        Self {
-            data,
-            pos: 0,
-            stack: Vec::new(),
-            memo: HashMap::new(),
-        }
+        Self { data, pos: 0, stack: Vec::new(), memo: HashMap::new() }
     }
 
     fn take(&mut self, n: usize) -> PickleResult<&'a [u8]> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&end| end <= self.data.len());
+        let end = self.pos.checked_add(n).filter(|&end| end <= self.data.len());
         let end = end.ok_or_else(|| "truncated pickle".to_string())?;
         let bytes = &self.data[self.pos..end];
         self.pos = end;
@@ -402,19 +355,12 @@ impl<'a> Unpickler<'a> {
     }
 
     fn uint(&mut self, n: usize) -> PickleResult<u64> {
-        Ok(self
-            .take(n)?
-            .iter()
-            .rev()
-            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
+        Ok(self.take(n)?.iter().rev().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
     }
 
     fn line(&mut self) -> PickleResult<String> {
         let rest = &self.data[self.pos..];
-        let len = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or("truncated pickle")?;
+        let len = rest.iter().position(|&b| b == b'\n').ok_or("truncated pickle")?;
         let text = String::from_utf8(rest[..len].to_vec()).map_err(|e| e.to_string())?;
         self.pos += len + 1;
         Ok(text)
@@ -422,29 +368,20 @@ impl<'a> Unpickler<'a> {
 
     fn string(&mut self, n: usize) -> PickleResult<Value> {
         let bytes = self.take(n)?;
-        Ok(Value::Str(
-            String::from_utf8(bytes.to_vec()).map_err(|e| e.to_string())?,
-        ))
+        Ok(Value::Str(String::from_utf8(bytes.to_vec()).map_err(|e| e.to_string())?))
     }
 
     fn pop(&mut self) -> PickleResult<Value> {
-        self.stack
-            .pop()
-            .ok_or_else(|| "stack underflow".to_string())
+        self.stack.pop().ok_or_else(|| "stack underflow".to_string())
     }
 
     fn top(&mut self) -> PickleResult<&mut Value> {
-        self.stack
-            .last_mut()
-            .ok_or_else(|| "stack underflow".to_string())
+        self.stack.last_mut().ok_or_else(|| "stack underflow".to_string())
     }
 
     fn pop_mark(&mut self) -> PickleResult<Vec<Value>> {
-        let mark = self
-            .stack
-            .iter()
-            .rposition(|v| matches!(v, Value::Mark))
-            .ok_or("missing MARK")?;
+        let mark =
+            self.stack.iter().rposition(|v| matches!(v, Value::Mark)).ok_or("missing MARK")?;
         let items = self.stack.split_off(mark + 1);
         self.stack.pop();
         Ok(items)
@@ -452,10 +389,7 @@ impl<'a> Unpickler<'a> {
 
     fn memo_get(&self, index: u64) -> PickleResult<Value> {
         let index = u32::try_from(index).map_err(|_| "memo index out of range")?;
-        self.memo
-            .get(&index)
-            .cloned()
-            .ok_or_else(|| format!("memo {index} is empty"))
+        self.memo.get(&index).cloned().ok_or_else(|| format!("memo {index} is empty"))
     }
 
     fn memo_put(&mut self, index: u64) -> PickleResult<()> {
@@ -489,18 +423,13 @@ impl<'a> Unpickler<'a> {
         if ALLOWED_GLOBALS.contains(&name.as_str()) || storage_kind(&name).is_some() {
             Ok(Value::Global(name))
         } else {
-            Err(format!(
-                "refusing global {name:?}: a state dict holds only tensors"
-            ))
+            Err(format!("refusing global {name:?}: a state dict holds only tensors"))
         }
     }
 
     fn reduce(callable: Value, args: Value) -> PickleResult<Value> {
         let (Value::Global(name), Value::Tuple(args)) = (&callable, args) else {
-            return Err(format!(
-                "REDUCE of a {} is not allowed",
-                callable.type_name()
-            ));
+            return Err(format!("REDUCE of a {} is not allowed", callable.type_name()));
         };
         match (name.as_str(), args.as_slice()) {
             ("collections.OrderedDict", []) => Ok(Value::Dict(Vec::new())),
@@ -528,18 +457,11 @@ impl<'a> Unpickler<'a> {
                 {
                     let kind =
                         storage_kind(kind).ok_or_else(|| format!("unknown storage {kind}"))?;
-                    Ok(Value::Storage(StorageRef {
-                        kind,
-                        key: key.clone(),
-                        numel: *numel,
-                    }))
+                    Ok(Value::Storage(StorageRef { kind, key: key.clone(), numel: *numel }))
                 }
                 _ => Err("persistent id is not a storage reference".into()),
             },
-            other => Err(format!(
-                "persistent id is a {}, not a tuple",
-                other.type_name()
-            )),
+            other => Err(format!("persistent id is a {}, not a tuple", other.type_name())),
         }
     }
 
@@ -576,10 +498,8 @@ impl<'a> Unpickler<'a> {
                         return Err("integer too large".into());
                     }
                     let bytes = self.take(n)?;
-                    let mut value = bytes
-                        .iter()
-                        .rev()
-                        .fold(0i64, |acc, &b| (acc << 8) | i64::from(b));
+                    let mut value =
+                        bytes.iter().rev().fold(0i64, |acc, &b| (acc << 8) | i64::from(b));
                     if n > 0 && n < 8 && bytes[n - 1] & 0x80 != 0 {
                         value -= 1i64 << (8 * n);
                     }
@@ -693,11 +613,7 @@ impl<'a> Unpickler<'a> {
                         return Err("BUILD is only allowed on a dict".into());
                     }
                 }
-                op => {
-                    return Err(format!(
-                        "pickle opcode 0x{op:02x} is not part of a state dict"
-                    ))
-                }
+                op => return Err(format!("pickle opcode 0x{op:02x} is not part of a state dict")),
             }
         }
     }

@@ -46,9 +46,7 @@ impl CrossAttentionMixer {
     /// `attention.out_proj.weight` and `attention.out_proj.bias` under `path`, in the VarStore's
     /// dtype and device, initialised like PyTorch's `nn.MultiheadAttention`.
     pub fn new(path: &nn::Path, mod_dim: i64, config: AttentionConfig) -> Result<Self> {
-        Ok(Self {
-            core: AttentionCore::new(path, mod_dim, config, path.kind(), path.device())?,
-        })
+        Ok(Self { core: AttentionCore::new(path, mod_dim, config, path.kind(), path.device())? })
     }
 
     /// The hyper-parameters.
@@ -88,16 +86,12 @@ impl Mixer for CrossAttentionMixer {
     }
 
     fn f_forward_t(&self, inp: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let (mixed, _) = self
-            .core
-            .mix(Pooling::Cross, inp, mask, train, true, false)?;
+        let (mixed, _) = self.core.mix(Pooling::Cross, inp, mask, train, true, false)?;
         Ok(mixed.expect("asked for"))
     }
 
     fn f_importance(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (_, importance) = self
-            .core
-            .mix(Pooling::Cross, inp, mask, false, false, true)?;
+        let (_, importance) = self.core.mix(Pooling::Cross, inp, mask, false, false, true)?;
         Ok(importance.expect("asked for"))
     }
 
@@ -107,9 +101,7 @@ impl Mixer for CrossAttentionMixer {
         mask: Option<&Tensor>,
         train: bool,
     ) -> Result<(Tensor, Tensor)> {
-        let (mixed, importance) = self
-            .core
-            .mix(Pooling::Cross, inp, mask, train, true, true)?;
+        let (mixed, importance) = self.core.mix(Pooling::Cross, inp, mask, train, true, true)?;
         Ok((mixed.expect("asked for"), importance.expect("asked for")))
     }
 

@@ -34,22 +34,10 @@ pub struct Tolerance {
 /// The tolerance tch-mix promises against swak for a dtype (the README's table).
 pub fn tolerance(kind: Kind) -> Tolerance {
     match kind {
-        Kind::Double => Tolerance {
-            atol: 1e-12,
-            rtol: 1e-10,
-        },
-        Kind::Float => Tolerance {
-            atol: 1e-5,
-            rtol: 1e-5,
-        },
-        Kind::Half => Tolerance {
-            atol: 1e-3,
-            rtol: 1e-3,
-        },
-        _ => Tolerance {
-            atol: 1e-2,
-            rtol: 1.6e-2,
-        },
+        Kind::Double => Tolerance { atol: 1e-12, rtol: 1e-10 },
+        Kind::Float => Tolerance { atol: 1e-5, rtol: 1e-5 },
+        Kind::Half => Tolerance { atol: 1e-3, rtol: 1e-3 },
+        _ => Tolerance { atol: 1e-2, rtol: 1.6e-2 },
     }
 }
 
@@ -110,19 +98,14 @@ impl Report {
 
     /// The comparison with the largest absolute error.
     pub fn worst(&self) -> Option<&Comparison> {
-        self.comparisons
-            .iter()
-            .max_by(|a, b| a.max_abs.total_cmp(&b.max_abs))
+        self.comparisons.iter().max_by(|a, b| a.max_abs.total_cmp(&b.max_abs))
     }
 
     /// Writes [`Report::computed`] to a safetensors file.
     pub fn write(&self, path: &Path) -> Result<()> {
         let mut tensors = Vec::with_capacity(self.computed.len());
         for (name, tensor) in &self.computed {
-            tensors.push((
-                name.as_str(),
-                tensor.f_to_device(Device::Cpu)?.f_contiguous()?,
-            ));
+            tensors.push((name.as_str(), tensor.f_to_device(Device::Cpu)?.f_contiguous()?));
         }
         Tensor::write_safetensors(&tensors, path).map_err(|e| MixError::Format {
             path: path.display().to_string(),
@@ -135,16 +118,11 @@ impl Fixture {
     /// Reads a fixture and checks its `format`.
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| MixError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let bytes = std::fs::read(path)
+            .map_err(|source| MixError::Io { path: path.display().to_string(), source })?;
         let (tensors, metadata) = checkpoint::read_safetensors(&bytes, path)?;
-        let fixture = Self {
-            path: path.to_path_buf(),
-            metadata,
-            tensors: tensors.into_iter().collect(),
-        };
+        let fixture =
+            Self { path: path.to_path_buf(), metadata, tensors: tensors.into_iter().collect() };
         let format = fixture.meta("format")?;
         if format != FORMAT {
             return Err(fixture.error(format!("format {format:?}, expected {FORMAT:?}")));
@@ -153,10 +131,7 @@ impl Fixture {
     }
 
     fn error(&self, reason: String) -> MixError {
-        MixError::Format {
-            path: self.path.display().to_string(),
-            reason,
-        }
+        MixError::Format { path: self.path.display().to_string(), reason }
     }
 
     /// A metadata entry, which must be present.
@@ -175,9 +150,7 @@ impl Fixture {
 
     /// A tensor, which must be present.
     pub fn tensor(&self, name: &str) -> Result<&Tensor> {
-        self.tensors
-            .get(name)
-            .ok_or_else(|| self.error(format!("tensor {name:?} is missing")))
+        self.tensors.get(name).ok_or_else(|| self.error(format!("tensor {name:?} is missing")))
     }
 
     /// The mixer's weights (`state.<key>` with the prefix stripped).
@@ -203,32 +176,16 @@ impl Fixture {
     pub fn build(&self, path: &nn::Path) -> Result<Box<dyn Mixer>> {
         let mixer = self.meta("mixer")?;
         let mod_dim = self.parse("mod_dim")?;
-        let (dropout, skip, keep_dim) = (
-            self.parse("dropout")?,
-            self.parse("skip")?,
-            self.parse("keep_dim")?,
-        );
+        let (dropout, skip, keep_dim) =
+            (self.parse("dropout")?, self.parse("skip")?, self.parse("keep_dim")?);
         Ok(match mixer {
             "global" => {
-                let config = GlobalWeightsConfig {
-                    dropout,
-                    skip,
-                    keep_dim,
-                };
-                Box::new(GlobalWeightsMixer::new(
-                    path,
-                    mod_dim,
-                    self.parse("n_features")?,
-                    config,
-                )?)
+                let config = GlobalWeightsConfig { dropout, skip, keep_dim };
+                Box::new(GlobalWeightsMixer::new(path, mod_dim, self.parse("n_features")?, config)?)
             }
             "instance" => {
-                let config = InstanceWeightsConfig {
-                    bias: self.parse("bias")?,
-                    dropout,
-                    skip,
-                    keep_dim,
-                };
+                let config =
+                    InstanceWeightsConfig { bias: self.parse("bias")?, dropout, skip, keep_dim };
                 Box::new(InstanceWeightsMixer::new(
                     path,
                     mod_dim,
@@ -239,13 +196,7 @@ impl Fixture {
             "cross" | "self" => {
                 let n_heads = self.parse("n_heads")?;
                 let bias = self.parse("bias")?;
-                let config = AttentionConfig {
-                    n_heads,
-                    bias,
-                    dropout,
-                    skip,
-                    keep_dim,
-                };
+                let config = AttentionConfig { n_heads, bias, dropout, skip, keep_dim };
                 match mixer {
                     "cross" => Box::new(CrossAttentionMixer::new(path, mod_dim, config)?),
                     _ => Box::new(SelfAttentionMixer::new(path, mod_dim, config)?),
@@ -273,9 +224,7 @@ impl Fixture {
         if let Some(cotangent) = self.tensors.get("cotangent") {
             let inp = inp.f_detach()?.f_set_requires_grad(true)?;
             let output = mixer.f_forward_t(&inp, mask.as_ref(), false)?;
-            let loss = output
-                .f_mul(&cotangent.f_to_device(device)?)?
-                .f_sum(None::<Kind>)?;
+            let loss = output.f_mul(&cotangent.f_to_device(device)?)?.f_sum(None::<Kind>)?;
             loss.f_backward()?;
             computed.push(("output".to_string(), output.f_detach()?));
             computed.push(("importance".to_string(), importance));
@@ -300,12 +249,7 @@ impl Fixture {
         let expected = self.tensor("output")?;
         comparisons.push(compare("output (no grad)", &output, expected, tolerance)?);
         let expected = self.tensor("importance")?;
-        comparisons.push(compare(
-            "importance (both)",
-            &both_importance,
-            expected,
-            tolerance,
-        )?);
+        comparisons.push(compare("importance (both)", &both_importance, expected, tolerance)?);
         Ok(Report {
             mixer: self.meta("mixer")?.to_string(),
             dtype: self.meta("dtype")?.to_string(),
@@ -319,11 +263,7 @@ impl Fixture {
 /// The gradient accumulated on `t`, zeros where `t` did not take part in the loss.
 fn gradient(t: &Tensor) -> Result<Tensor> {
     let grad = t.grad();
-    Ok(if grad.defined() {
-        grad
-    } else {
-        t.f_zeros_like()?
-    })
+    Ok(if grad.defined() { grad } else { t.f_zeros_like()? })
 }
 
 /// Compares `actual` with `expected` elementwise in f64 on the CPU. NaNs match NaNs.
@@ -342,10 +282,7 @@ pub fn compare(
         });
     }
     let to_f64 = |t: &Tensor| -> Result<Vec<f64>> {
-        let flat = t
-            .f_to_device(Device::Cpu)?
-            .f_to_kind(Kind::Double)?
-            .f_flatten(0, -1)?;
+        let flat = t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Double)?.f_flatten(0, -1)?;
         Ok(Vec::<f64>::try_from(&flat)?)
     };
     let (actual, expected) = (to_f64(actual)?, to_f64(expected)?);
@@ -365,10 +302,5 @@ pub fn compare(
         }
         passed &= diff <= tolerance.atol + tolerance.rtol * e.abs();
     }
-    Ok(Comparison {
-        name: name.to_string(),
-        max_abs,
-        max_rel,
-        passed,
-    })
+    Ok(Comparison { name: name.to_string(), max_abs, max_rel, passed })
 }

@@ -18,11 +18,7 @@ pub struct GlobalWeightsConfig {
 
 impl Default for GlobalWeightsConfig {
     fn default() -> Self {
-        Self {
-            dropout: 0.0,
-            skip: true,
-            keep_dim: false,
-        }
+        Self { dropout: 0.0, skip: true, keep_dim: false }
     }
 }
 
@@ -68,14 +64,7 @@ impl GlobalWeightsMixer {
         n_features: i64,
         config: GlobalWeightsConfig,
     ) -> Result<Self> {
-        Self::build(
-            path,
-            mod_dim,
-            n_features,
-            config,
-            path.kind(),
-            path.device(),
-        )
+        Self::build(path, mod_dim, n_features, config, path.kind(), path.device())
     }
 
     fn build(
@@ -91,12 +80,7 @@ impl GlobalWeightsMixer {
         mixer::check_dropout(config.dropout)?;
         let ones = Tensor::f_ones([n_features], (kind, device))?;
         let coeffs = mixer::add_variable(path, "coeffs", ones)?;
-        Ok(Self {
-            coeffs,
-            mod_dim,
-            n_features,
-            config,
-        })
+        Ok(Self { coeffs, mod_dim, n_features, config })
     }
 
     /// The number of features mixed, the input's next-to-last dimension.
@@ -110,13 +94,7 @@ impl GlobalWeightsMixer {
     }
 
     fn check(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<()> {
-        mixer::check_input(
-            inp,
-            self.mod_dim,
-            Some(self.n_features),
-            self.kind(),
-            self.device(),
-        )?;
+        mixer::check_input(inp, self.mod_dim, Some(self.n_features), self.kind(), self.device())?;
         mixer::check_mask(mask, inp)
     }
 
@@ -129,21 +107,14 @@ impl GlobalWeightsMixer {
             let coeffs = self.coeffs.f_expand(leading, false)?;
             return Ok(coeffs.f_softmax(-1, None::<Kind>)?);
         }
-        Ok(self
-            .coeffs
-            .f_softmax(-1, None::<Kind>)?
-            .f_expand(leading, false)?)
+        Ok(self.coeffs.f_softmax(-1, None::<Kind>)?.f_expand(leading, false)?)
     }
 
     fn mix(&self, inp: &Tensor, train: bool) -> Result<Tensor> {
         if self.n_features == 0 {
             return mixer::without_features(inp, self.config.keep_dim);
         }
-        let GlobalWeightsConfig {
-            dropout,
-            skip,
-            keep_dim,
-        } = self.config;
+        let GlobalWeightsConfig { dropout, skip, keep_dim } = self.config;
         let weights = match mixer::use_reference(self.kind()) {
             true => self.importance_of(inp)?,
             false => self.coeffs.f_softmax(-1, None::<Kind>)?,
@@ -207,14 +178,7 @@ impl Mixer for GlobalWeightsMixer {
     }
 
     fn fresh(&self, path: &nn::Path) -> Result<Self> {
-        Self::build(
-            path,
-            self.mod_dim,
-            self.n_features,
-            self.config,
-            self.kind(),
-            self.device(),
-        )
+        Self::build(path, self.mod_dim, self.n_features, self.config, self.kind(), self.device())
     }
 }
 

@@ -3,6 +3,7 @@
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::Result;
+use crate::kernels;
 use crate::mixer::{self, Mixer};
 
 /// Hyper-parameters of an [`InstanceWeightsMixer`], named as in swak.
@@ -20,12 +21,7 @@ pub struct InstanceWeightsConfig {
 
 impl Default for InstanceWeightsConfig {
     fn default() -> Self {
-        Self {
-            bias: true,
-            dropout: 0.0,
-            skip: true,
-            keep_dim: false,
-        }
+        Self { bias: true, dropout: 0.0, skip: true, keep_dim: false }
     }
 }
 
@@ -72,14 +68,7 @@ impl InstanceWeightsMixer {
         n_features: i64,
         config: InstanceWeightsConfig,
     ) -> Result<Self> {
-        Self::build(
-            path,
-            mod_dim,
-            n_features,
-            config,
-            path.kind(),
-            path.device(),
-        )
+        Self::build(path, mod_dim, n_features, config, path.kind(), path.device())
     }
 
     fn build(
@@ -105,13 +94,7 @@ impl InstanceWeightsMixer {
             )?),
             false => None,
         };
-        let mut mix = Self {
-            weight,
-            bias,
-            mod_dim,
-            n_features,
-            config,
-        };
+        let mut mix = Self { weight, bias, mod_dim, n_features, config };
         mix.reset_parameters()?;
         Ok(mix)
     }
@@ -127,20 +110,37 @@ impl InstanceWeightsMixer {
     }
 
     fn check(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<()> {
-        mixer::check_input(
-            inp,
-            self.mod_dim,
-            Some(self.n_features),
-            self.kind(),
-            self.device(),
-        )?;
+        mixer::check_input(inp, self.mod_dim, Some(self.n_features), self.kind(), self.device())?;
         mixer::check_mask(mask, inp)
     }
 
+    /// Inference on the CPU in one pass over the input (see `kernels::instance`): the mixed
+    /// features and the importance, or `None` where the kernel does not apply.
+    fn one_pass(
+        &self,
+        inp: &Tensor,
+        skip: bool,
+        keep_dim: bool,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let shape = inp.size();
+        let leading = &shape[..shape.len() - 2];
+        let flat = inp.f_reshape([-1, self.n_features, self.mod_dim])?;
+        let Some((mixed, importance)) =
+            kernels::instance(&flat, &self.weight, self.bias.as_ref(), skip)?
+        else {
+            return Ok(None);
+        };
+        let mut mixed_shape = leading.to_vec();
+        if keep_dim {
+            mixed_shape.push(1);
+        }
+        mixed_shape.push(self.mod_dim);
+        let importance_shape: Vec<i64> = leading.iter().copied().chain([self.n_features]).collect();
+        Ok(Some((mixed.f_reshape(mixed_shape)?, importance.f_reshape(importance_shape)?)))
+    }
+
     fn weights(&self, inp: &Tensor) -> Result<Tensor> {
-        let scores = inp
-            .f_flatten(-2, -1)?
-            .f_linear(&self.weight, self.bias.as_ref())?;
+        let scores = inp.f_flatten(-2, -1)?.f_linear(&self.weight, self.bias.as_ref())?;
         Ok(scores.f_softmax(-1, None::<Kind>)?)
     }
 }
@@ -186,16 +186,16 @@ impl Mixer for InstanceWeightsMixer {
         train: bool,
     ) -> Result<(Tensor, Tensor)> {
         self.check(inp, mask)?;
+        let InstanceWeightsConfig { dropout, skip, keep_dim, .. } = self.config;
+        if self.n_features > 0 && !(train && dropout > 0.0) {
+            if let Some(both) = self.one_pass(inp, skip, keep_dim)? {
+                return Ok(both);
+            }
+        }
         let weights = self.weights(inp)?;
         if self.n_features == 0 {
-            return Ok((mixer::without_features(inp, self.config.keep_dim)?, weights));
+            return Ok((mixer::without_features(inp, keep_dim)?, weights));
         }
-        let InstanceWeightsConfig {
-            dropout,
-            skip,
-            keep_dim,
-            ..
-        } = self.config;
         let mixed = mixer::mix_weighted(&weights, inp, dropout, skip, keep_dim, train)?;
         Ok((mixed, weights))
     }
@@ -213,14 +213,7 @@ impl Mixer for InstanceWeightsMixer {
     }
 
     fn fresh(&self, path: &nn::Path) -> Result<Self> {
-        Self::build(
-            path,
-            self.mod_dim,
-            self.n_features,
-            self.config,
-            self.kind(),
-            self.device(),
-        )
+        Self::build(path, self.mod_dim, self.n_features, self.config, self.kind(), self.device())
     }
 }
 

@@ -36,10 +36,11 @@ mod error;
 pub mod fixture;
 mod global;
 mod instance;
+mod kernels;
 mod mixer;
 mod self_attention;
 
-pub use attention::{AttentionConfig, MultiheadAttention, Pooling, Query};
+pub use attention::{AttentionConfig, MultiheadAttention, Pooled, Pooling, Query};
 pub use checkpoint::{load_var_store, StateDict};
 pub use cross::CrossAttentionMixer;
 pub use error::{MixError, Result, ShapeMismatch};

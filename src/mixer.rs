@@ -5,6 +5,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::checkpoint::{self, StateDict};
 use crate::error::{MixError, Result};
+use crate::kernels;
 
 /// A module that combines stacked feature vectors `(..., n_features, mod_dim)` into `(..., mod_dim)`.
 ///
@@ -60,10 +61,7 @@ pub trait Mixer: std::fmt::Debug + Send {
         mask: Option<&Tensor>,
         train: bool,
     ) -> Result<(Tensor, Tensor)> {
-        Ok((
-            self.f_forward_t(inp, mask, train)?,
-            self.f_importance(inp, mask)?,
-        ))
+        Ok((self.f_forward_t(inp, mask, train)?, self.f_importance(inp, mask)?))
     }
 
     /// Re-initialises every weight in place with swak's (PyTorch's) initial distributions.
@@ -84,11 +82,7 @@ pub trait Mixer: std::fmt::Debug + Send {
     /// with the same shapes; values are converted to the mixer's dtype and device. For a mixer
     /// inside a bigger model, pass `state.sub("mix")`.
     fn load_state(&self, state: &StateDict) -> Result<()> {
-        let targets = self
-            .variables()
-            .into_iter()
-            .map(|(key, t)| (key.to_string(), t))
-            .collect();
+        let targets = self.variables().into_iter().map(|(key, t)| (key.to_string(), t)).collect();
         checkpoint::copy_strict(targets, state)
     }
 }
@@ -98,9 +92,7 @@ pub(crate) fn check_dropout(dropout: f64) -> Result<()> {
     if (0.0..1.0).contains(&dropout) {
         Ok(())
     } else {
-        Err(MixError::Config(format!(
-            "dropout must lie in [0, 1), got {dropout}"
-        )))
+        Err(MixError::Config(format!("dropout must lie in [0, 1), got {dropout}")))
     }
 }
 
@@ -109,9 +101,7 @@ pub(crate) fn check_size(name: &str, value: i64, min: i64) -> Result<()> {
     if value >= min {
         Ok(())
     } else {
-        Err(MixError::Config(format!(
-            "{name} must be at least {min}, got {value}"
-        )))
+        Err(MixError::Config(format!("{name} must be at least {min}, got {value}")))
     }
 }
 
@@ -131,11 +121,7 @@ pub(crate) fn check_input(
         && shape[shape.len() - 1] == mod_dim
         && n_features.is_none_or(|n| shape[shape.len() - 2] == n);
     if !fits {
-        return Err(MixError::Shape {
-            what: "input",
-            expected,
-            got: shape,
-        });
+        return Err(MixError::Shape { what: "input", expected, got: shape });
     }
     if inp.kind() != kind {
         return Err(MixError::Kind {
@@ -145,11 +131,7 @@ pub(crate) fn check_input(
         });
     }
     if inp.device() != device {
-        return Err(MixError::Device {
-            what: "input",
-            expected: device,
-            got: inp.device(),
-        });
+        return Err(MixError::Device { what: "input", expected: device, got: inp.device() });
     }
     Ok(())
 }
@@ -162,15 +144,8 @@ pub(crate) fn check_mask(mask: Option<&Tensor>, inp: &Tensor) -> Result<()> {
     let expected = &shape[..shape.len() - 1];
     if mask.size() != expected {
         let dims: Vec<String> = expected.iter().map(i64::to_string).collect();
-        let expected = format!(
-            "({}) (the input's shape without its last dim)",
-            dims.join(", ")
-        );
-        return Err(MixError::Shape {
-            what: "mask",
-            expected,
-            got: mask.size(),
-        });
+        let expected = format!("({}) (the input's shape without its last dim)", dims.join(", "));
+        return Err(MixError::Shape { what: "mask", expected, got: mask.size() });
     }
     if mask.kind() != Kind::Bool && !mask.is_floating_point() {
         return Err(MixError::Kind {
@@ -180,11 +155,7 @@ pub(crate) fn check_mask(mask: Option<&Tensor>, inp: &Tensor) -> Result<()> {
         });
     }
     if mask.device() != inp.device() {
-        return Err(MixError::Device {
-            what: "mask",
-            expected: inp.device(),
-            got: mask.device(),
-        });
+        return Err(MixError::Device { what: "mask", expected: inp.device(), got: mask.device() });
     }
     Ok(())
 }
@@ -203,11 +174,7 @@ pub(crate) fn add_variable(path: &nn::Path, name: &str, tensor: Tensor) -> Resul
 /// Zero-element tensors are left alone, as PyTorch does.
 pub(crate) fn init_linear(weight: &mut Tensor, bias: Option<&mut Tensor>) -> Result<()> {
     let fan_in = weight.size().get(1).copied().unwrap_or(0);
-    let bound = if fan_in > 0 {
-        1.0 / (fan_in as f64).sqrt()
-    } else {
-        0.0
-    };
+    let bound = if fan_in > 0 { 1.0 / (fan_in as f64).sqrt() } else { 0.0 };
     tch::no_grad(|| -> Result<()> {
         if weight.numel() > 0 {
             let _ = weight.f_uniform_(-bound, bound)?;
@@ -230,10 +197,12 @@ pub(crate) fn without_features(inp: &Tensor, keep_dim: bool) -> Result<Tensor> {
 }
 
 /// The tail every swak mixer shares: dropout (training only) on the mixed `(..., 1, mod_dim)`
-/// vectors, `+ inp.mean(-2)` with `skip`, then keep or squeeze the feature dimension.
+/// vectors, `+ inp.mean(-2)` with `skip` (`mean` if the caller has it already), then keep or
+/// squeeze the feature dimension.
 pub(crate) fn finish(
     mixed: Tensor,
     inp: &Tensor,
+    mean: Option<Tensor>,
     dropout: f64,
     skip: bool,
     keep_dim: bool,
@@ -241,7 +210,11 @@ pub(crate) fn finish(
 ) -> Result<Tensor> {
     let mut out = mixed.f_dropout(dropout, train)?;
     if skip {
-        out = out.f_add(&inp.f_mean_dim(-2, true, None::<Kind>)?)?;
+        let mean = match mean {
+            Some(mean) => mean.f_view_as(&out)?,
+            None => inp.f_mean_dim(-2, true, None::<Kind>)?,
+        };
+        out = out.f_add(&mean)?;
     }
     if keep_dim {
         Ok(out)
@@ -261,20 +234,32 @@ pub(crate) fn mix_weighted(
     keep_dim: bool,
     train: bool,
 ) -> Result<Tensor> {
-    let shape = inp.size();
-    let features = shape[shape.len() - 2];
-    let dropping = train && dropout > 0.0;
+    let features = inp.size()[inp.dim() - 2];
     // In half precision `w + 1/F` would round the weights: keep swak's sequence there.
-    if is_half(inp.kind()) || dropping || !skip {
-        let mixed = weights.f_unsqueeze(-2)?.f_matmul(inp)?;
-        return finish(mixed, inp, dropout, skip, keep_dim, train);
+    if is_half(inp.kind()) || (train && dropout > 0.0) || !skip {
+        return finish(weighted_sum(weights, inp)?, inp, None, dropout, skip, keep_dim, train);
     }
-    let folded = weights.f_add_scalar(1.0 / features as f64)?;
-    let mixed = folded.f_unsqueeze(-2)?.f_matmul(inp)?;
-    Ok(if keep_dim {
-        mixed
-    } else {
-        mixed.f_squeeze_dim(-2)?
+    let mixed = weighted_sum(&weights.f_add_scalar(1.0 / features as f64)?, inp)?;
+    Ok(if keep_dim { mixed } else { mixed.f_squeeze_dim(-2)? })
+}
+
+/// `(..., F) x (..., F, D) -> (..., 1, D)`, weights `(F,)` shared by all instances or one row
+/// each; on the CPU without autograd in one pass over the input (see [`kernels::pool`]).
+fn weighted_sum(weights: &Tensor, inp: &Tensor) -> Result<Tensor> {
+    let shape = inp.size();
+    let (features, dim) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+    let rows = match weights.dim() {
+        1 => weights.f_unsqueeze(0)?,
+        _ => weights.f_reshape([-1, 1, features])?,
+    };
+    let flat = inp.f_reshape([-1, features, dim])?;
+    Ok(match kernels::pool(&rows, &flat, false)? {
+        Some(pooled) => {
+            let mut out_shape = shape.clone();
+            out_shape[shape.len() - 2] = 1;
+            pooled.f_reshape(out_shape)?
+        }
+        None => weights.f_unsqueeze(-2)?.f_matmul(inp)?,
     })
 }
 

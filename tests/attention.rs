@@ -8,13 +8,7 @@ use tch::{nn, Device, Kind, Tensor};
 use tch_mix::{AttentionConfig, CrossAttentionMixer, MixError, Mixer, SelfAttentionMixer};
 
 fn config(n_heads: i64, bias: bool, skip: bool, keep_dim: bool) -> AttentionConfig {
-    AttentionConfig {
-        n_heads,
-        bias,
-        skip,
-        keep_dim,
-        dropout: 0.0,
-    }
+    AttentionConfig { n_heads, bias, skip, keep_dim, dropout: 0.0 }
 }
 
 /// Both mixers on their own VarStores, with swak's test weights: all-one projections.
@@ -71,10 +65,7 @@ fn parameters_have_pytorch_names_shapes_and_init() {
                 "mix.attention.out_proj.weight",
             ]
         } else {
-            &[
-                "mix.attention.in_proj_weight",
-                "mix.attention.out_proj.weight",
-            ]
+            &["mix.attention.in_proj_weight", "mix.attention.out_proj.weight"]
         };
         assert_eq!(names, expected);
         let attention = mix.attention();
@@ -82,30 +73,15 @@ fn parameters_have_pytorch_names_shapes_and_init() {
         assert_eq!(attention.out_proj_weight.size(), [8, 8]);
         let xavier = (6.0f64 / 32.0).sqrt();
         let max = attention.in_proj_weight.abs().max().double_value(&[]);
-        assert!(
-            max <= xavier && max > 0.5 * xavier,
-            "xavier-uniform bound {xavier}, max {max}"
-        );
+        assert!(max <= xavier && max > 0.5 * xavier, "xavier-uniform bound {xavier}, max {max}");
         assert!(attention.out_proj_weight.abs().max().double_value(&[]) <= 1.0 / 8f64.sqrt());
         if bias {
             assert_eq!(
-                attention
-                    .in_proj_bias
-                    .as_ref()
-                    .unwrap()
-                    .abs()
-                    .sum(Kind::Double)
-                    .double_value(&[]),
+                attention.in_proj_bias.as_ref().unwrap().abs().sum(Kind::Double).double_value(&[]),
                 0.0
             );
             assert_eq!(
-                attention
-                    .out_proj_bias
-                    .as_ref()
-                    .unwrap()
-                    .abs()
-                    .sum(Kind::Double)
-                    .double_value(&[]),
+                attention.out_proj_bias.as_ref().unwrap().abs().sum(Kind::Double).double_value(&[]),
                 0.0
             );
         }
@@ -127,30 +103,14 @@ fn defaults_match_swak() {
 fn fresh_and_reset_reinitialise_with_same_hyper_parameters() {
     let mut vs = nn::VarStore::new(Device::Cpu);
     vs.set_kind(Kind::Half);
-    let config = AttentionConfig {
-        n_heads: 2,
-        bias: false,
-        dropout: 0.1,
-        skip: false,
-        keep_dim: true,
-    };
+    let config =
+        AttentionConfig { n_heads: 2, bias: false, dropout: 0.1, skip: false, keep_dim: true };
     let mut mix = CrossAttentionMixer::new(&vs.root(), 4, config).unwrap();
     let _ = tch::no_grad(|| mix.attention().in_proj_weight.shallow_clone().fill_(5.0));
     let other = nn::VarStore::new(Device::Cpu);
     let fresh = mix.fresh(&other.root()).unwrap();
-    assert_eq!(
-        (fresh.config(), fresh.mod_dim(), fresh.kind()),
-        (config, 4, Kind::Half)
-    );
-    assert!(
-        fresh
-            .attention()
-            .in_proj_weight
-            .abs()
-            .max()
-            .double_value(&[])
-            < 1.0
-    );
+    assert_eq!((fresh.config(), fresh.mod_dim(), fresh.kind()), (config, 4, Kind::Half));
+    assert!(fresh.attention().in_proj_weight.abs().max().double_value(&[]) < 1.0);
     mix.reset_parameters().unwrap();
     assert!(mix.attention().in_proj_weight.abs().max().double_value(&[]) < 1.0);
 }
@@ -158,20 +118,12 @@ fn fresh_and_reset_reinitialise_with_same_hyper_parameters() {
 #[test]
 fn swak_usage_expectations() {
     for mix in ones_mixers(config(1, false, false, false)) {
-        assert_close(
-            &mix.f_forward_t(&ones(&[2, 4]), None, false).unwrap(),
-            &(ones(&[4]) * 16.0),
-        );
+        assert_close(&mix.f_forward_t(&ones(&[2, 4]), None, false).unwrap(), &(ones(&[4]) * 16.0));
         assert_close(
             &mix.f_forward_t(&ones(&[5, 2, 4]), None, false).unwrap(),
             &(ones(&[5, 4]) * 16.0),
         );
-        assert_eq!(
-            mix.f_forward_t(&ones(&[0, 2, 4]), None, false)
-                .unwrap()
-                .size(),
-            [0, 4]
-        );
+        assert_eq!(mix.f_forward_t(&ones(&[0, 2, 4]), None, false).unwrap().size(), [0, 4]);
     }
     for mix in ones_mixers(config(1, false, true, false)) {
         assert_close(
@@ -193,14 +145,8 @@ fn swak_zero_feature_expectations() {
         for mix in ones_mixers(config(1, false, skip, keep_dim)) {
             let expected = if keep_dim { vec![3, 0, 4] } else { vec![3, 4] };
             let out = mix.f_forward_t(&ones(&[3, 0, 4]), None, false).unwrap();
-            assert_close(
-                &out,
-                &Tensor::zeros(expected.as_slice(), (Kind::Float, Device::Cpu)),
-            );
-            assert_eq!(
-                mix.f_importance(&ones(&[3, 0, 4]), None).unwrap().size(),
-                [3, 0]
-            );
+            assert_close(&out, &Tensor::zeros(expected.as_slice(), (Kind::Float, Device::Cpu)));
+            assert_eq!(mix.f_importance(&ones(&[3, 0, 4]), None).unwrap().size(), [3, 0]);
         }
     }
 }
@@ -208,32 +154,14 @@ fn swak_zero_feature_expectations() {
 #[test]
 fn swak_importance_expectations() {
     for mix in ones_mixers(config(2, false, true, false)) {
-        assert_close(
-            &mix.f_importance(&ones(&[2, 4]), None).unwrap(),
-            &(ones(&[2]) * 0.5),
-        );
-        assert_close(
-            &mix.f_importance(&ones(&[3, 2, 4]), None).unwrap(),
-            &(ones(&[3, 2]) * 0.5),
-        );
-        assert_close(
-            &mix.f_importance(&ones(&[0, 2, 4]), None).unwrap(),
-            &ones(&[0, 2]),
-        );
-        assert_close(
-            &mix.f_importance(&ones(&[3, 1, 4]), None).unwrap(),
-            &ones(&[3, 1]),
-        );
-        assert_close(
-            &mix.f_importance(&ones(&[3, 5, 4]), None).unwrap(),
-            &(ones(&[3, 5]) * 0.2),
-        );
+        assert_close(&mix.f_importance(&ones(&[2, 4]), None).unwrap(), &(ones(&[2]) * 0.5));
+        assert_close(&mix.f_importance(&ones(&[3, 2, 4]), None).unwrap(), &(ones(&[3, 2]) * 0.5));
+        assert_close(&mix.f_importance(&ones(&[0, 2, 4]), None).unwrap(), &ones(&[0, 2]));
+        assert_close(&mix.f_importance(&ones(&[3, 1, 4]), None).unwrap(), &ones(&[3, 1]));
+        assert_close(&mix.f_importance(&ones(&[3, 5, 4]), None).unwrap(), &(ones(&[3, 5]) * 0.2));
         let mask = Tensor::from_slice(&[true, false, false, true, true, false]).view([3, 2]);
         let expected = Tensor::from_slice(&[0f32, 1., 1., 0., 0., 1.]).view([3, 2]);
-        assert_close(
-            &mix.f_importance(&ones(&[3, 2, 4]), Some(&mask)).unwrap(),
-            &expected,
-        );
+        assert_close(&mix.f_importance(&ones(&[3, 2, 4]), Some(&mask)).unwrap(), &expected);
     }
 }
 
@@ -246,22 +174,8 @@ fn importance_sums_to_one_and_masked_features_get_zero() {
         let importance = mix.f_importance(&inp, Some(&mask)).unwrap();
         let sums = importance.sum_dim_intlist(-1, false, Kind::Double);
         assert_close(&sums, &Tensor::ones([4], (Kind::Double, Device::Cpu)));
-        assert_eq!(
-            importance
-                .masked_select(&mask)
-                .abs()
-                .sum(Kind::Double)
-                .double_value(&[]),
-            0.0
-        );
-        assert!(
-            importance
-                .masked_select(&mask.logical_not())
-                .gt(0.0)
-                .all()
-                .int64_value(&[])
-                == 1
-        );
+        assert_eq!(importance.masked_select(&mask).abs().sum(Kind::Double).double_value(&[]), 0.0);
+        assert!(importance.masked_select(&mask.logical_not()).gt(0.0).all().int64_value(&[]) == 1);
     }
 }
 
@@ -280,15 +194,9 @@ fn masked_feature_values_do_not_change_cross_attention() {
     let changed = with_masked_features_changed(&inp);
     let mask = Tensor::from_slice(&[false, true, false, false, true]).expand([4, 5], false);
     let out = mix.f_forward_t(&inp, Some(&mask), false).unwrap();
-    assert_close(
-        &out,
-        &mix.f_forward_t(&changed, Some(&mask), false).unwrap(),
-    );
+    assert_close(&out, &mix.f_forward_t(&changed, Some(&mask), false).unwrap());
     let importance = mix.f_importance(&inp, Some(&mask)).unwrap();
-    assert_close(
-        &importance,
-        &mix.f_importance(&changed, Some(&mask)).unwrap(),
-    );
+    assert_close(&importance, &mix.f_importance(&changed, Some(&mask)).unwrap());
 }
 
 #[test]
@@ -304,14 +212,7 @@ fn masked_features_still_query_in_self_attention_as_in_swak() {
     let other = mix.f_forward_t(&changed, Some(&mask), false).unwrap();
     assert!((out - other).abs().max().double_value(&[]) > 1e-6);
     let importance = mix.f_importance(&changed, Some(&mask)).unwrap();
-    assert_eq!(
-        importance
-            .masked_select(&mask)
-            .abs()
-            .sum(Kind::Double)
-            .double_value(&[]),
-        0.0
-    );
+    assert_eq!(importance.masked_select(&mask).abs().sum(Kind::Double).double_value(&[]), 0.0);
 }
 
 #[test]
@@ -325,10 +226,7 @@ fn self_attention_is_invariant_to_permuting_features() {
         &mix.f_forward_t(&permuted, None, false).unwrap(),
     );
     let importance = mix.f_importance(&inp, None).unwrap();
-    assert_close(
-        &importance.index_select(1, &order),
-        &mix.f_importance(&permuted, None).unwrap(),
-    );
+    assert_close(&importance.index_select(1, &order), &mix.f_importance(&permuted, None).unwrap());
 }
 
 #[test]
@@ -344,10 +242,7 @@ fn float_mask_is_added_to_the_scores() {
         assert_close(&a, &mix.f_importance(&inp, Some(&additive)).unwrap());
         // A finite float mask shifts the weights but masks nothing.
         let shifted = mix
-            .f_importance(
-                &inp,
-                Some(&Tensor::full([2, 3], 0.5, (Kind::Double, Device::Cpu))),
-            )
+            .f_importance(&inp, Some(&Tensor::full([2, 3], 0.5, (Kind::Double, Device::Cpu))))
             .unwrap();
         assert_close(&shifted, &mix.f_importance(&inp, None).unwrap());
     }
@@ -358,20 +253,10 @@ fn four_dims_are_a_flattened_batch() {
     for mix in random_mixers(2, true) {
         let inp = randn(&[2, 3, 4, 6]);
         let mask = Tensor::rand([2, 3, 4], (Kind::Float, Device::Cpu)).lt(0.3);
-        let flat = mix
-            .f_forward_t(&inp.view([6, 4, 6]), Some(&mask.view([6, 4])), false)
-            .unwrap();
-        assert_close(
-            &mix.f_forward_t(&inp, Some(&mask), false).unwrap(),
-            &flat.view([2, 3, 6]),
-        );
-        let flat = mix
-            .f_importance(&inp.view([6, 4, 6]), Some(&mask.view([6, 4])))
-            .unwrap();
-        assert_close(
-            &mix.f_importance(&inp, Some(&mask)).unwrap(),
-            &flat.view([2, 3, 4]),
-        );
+        let flat = mix.f_forward_t(&inp.view([6, 4, 6]), Some(&mask.view([6, 4])), false).unwrap();
+        assert_close(&mix.f_forward_t(&inp, Some(&mask), false).unwrap(), &flat.view([2, 3, 6]));
+        let flat = mix.f_importance(&inp.view([6, 4, 6]), Some(&mask.view([6, 4]))).unwrap();
+        assert_close(&mix.f_importance(&inp, Some(&mask)).unwrap(), &flat.view([2, 3, 4]));
     }
 }
 
@@ -385,31 +270,17 @@ fn fully_masked_row_gives_zero_importance_and_bias_plus_skip_output() {
         .view([3, 4]);
         let importance = mix.f_importance(&inp, Some(&mask)).unwrap();
         assert_eq!(importance.isnan().any().int64_value(&[]), 0);
-        assert_close(
-            &importance.get(0),
-            &Tensor::zeros([4], (Kind::Double, Device::Cpu)),
-        );
-        assert_close(
-            &importance.get(2),
-            &Tensor::zeros([4], (Kind::Double, Device::Cpu)),
-        );
-        let bias = mix
-            .variables()
-            .into_iter()
-            .find(|(k, _)| *k == "attention.out_proj.bias")
-            .unwrap()
-            .1;
+        assert_close(&importance.get(0), &Tensor::zeros([4], (Kind::Double, Device::Cpu)));
+        assert_close(&importance.get(2), &Tensor::zeros([4], (Kind::Double, Device::Cpu)));
+        let bias =
+            mix.variables().into_iter().find(|(k, _)| *k == "attention.out_proj.bias").unwrap().1;
         for train in [false, true] {
             let out = mix.f_forward_t(&inp, Some(&mask), train).unwrap();
             let expected = &bias + inp.get(0).mean_dim(0, false, None::<Kind>);
             assert_close(&out.get(0), &expected);
             // No NaN reaches the gradients either.
             let grads = Tensor::run_backward(&[out.sum(Kind::Double)], &[&inp], false, false);
-            assert_eq!(
-                grads[0].isnan().any().int64_value(&[]),
-                0,
-                "NaN gradient (train {train})"
-            );
+            assert_eq!(grads[0].isnan().any().int64_value(&[]), 0, "NaN gradient (train {train})");
         }
         let grads = Tensor::run_backward(&[importance.sum(Kind::Double)], &[&inp], false, false);
         assert_eq!(grads[0].isnan().any().int64_value(&[]), 0);
@@ -418,32 +289,21 @@ fn fully_masked_row_gives_zero_importance_and_bias_plus_skip_output() {
 
 #[test]
 fn dropout_acts_in_training_only() {
-    let config = AttentionConfig {
-        n_heads: 2,
-        dropout: 0.5,
-        skip: false,
-        ..Default::default()
-    };
+    let config = AttentionConfig { n_heads: 2, dropout: 0.5, skip: false, ..Default::default() };
     let vs = nn::VarStore::new(Device::Cpu);
     let mix = CrossAttentionMixer::new(&vs.root(), 4, config).unwrap();
     let inp = Tensor::randn([64, 3, 4], (Kind::Float, Device::Cpu));
     let eval = mix.f_forward_t(&inp, None, false).unwrap();
     assert_close(&eval, &mix.f_forward_t(&inp, None, false).unwrap());
     let train = mix.f_forward_t(&inp, None, true).unwrap();
-    assert!(
-        train.eq(0.0).sum(Kind::Int64).int64_value(&[]) > 0,
-        "dropout zeroed nothing"
-    );
+    assert!(train.eq(0.0).sum(Kind::Int64).int64_value(&[]) > 0, "dropout zeroed nothing");
 }
 
 #[test]
 fn n_heads_must_be_positive_and_divide_mod_dim() {
     let vs = nn::VarStore::new(Device::Cpu);
     let err = CrossAttentionMixer::new(&vs.root(), 6, config(0, true, true, false)).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "invalid configuration: n_heads must be at least 1, got 0"
-    );
+    assert_eq!(err.to_string(), "invalid configuration: n_heads must be at least 1, got 0");
     let err = SelfAttentionMixer::new(&vs.root(), 6, config(4, true, true, false)).unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -452,10 +312,7 @@ fn n_heads_must_be_positive_and_divide_mod_dim() {
     let err = SelfAttentionMixer::new(
         &vs.root(),
         6,
-        AttentionConfig {
-            dropout: 1.0,
-            ..Default::default()
-        },
+        AttentionConfig { dropout: 1.0, ..Default::default() },
     );
     assert!(matches!(err, Err(MixError::Config(_))));
 }
@@ -464,27 +321,15 @@ fn n_heads_must_be_positive_and_divide_mod_dim() {
 fn bad_input_and_mask_are_errors() {
     for mix in ones_mixers(config(1, true, true, false)) {
         for (inp, message) in [
-            (
-                ones(&[4]),
-                "input: expected shape (..., n_features, 4), got [4]",
-            ),
-            (
-                ones(&[2, 3, 5]),
-                "input: expected shape (..., n_features, 4), got [2, 3, 5]",
-            ),
+            (ones(&[4]), "input: expected shape (..., n_features, 4), got [4]"),
+            (ones(&[2, 3, 5]), "input: expected shape (..., n_features, 4), got [2, 3, 5]"),
             (
                 Tensor::ones([2, 3, 4], (Kind::Double, Device::Cpu)),
                 "input: expected dtype Float, got Double",
             ),
         ] {
-            assert_eq!(
-                mix.f_forward_t(&inp, None, false).unwrap_err().to_string(),
-                message
-            );
-            assert_eq!(
-                mix.f_importance(&inp, None).unwrap_err().to_string(),
-                message
-            );
+            assert_eq!(mix.f_forward_t(&inp, None, false).unwrap_err().to_string(), message);
+            assert_eq!(mix.f_importance(&inp, None).unwrap_err().to_string(), message);
         }
         let inp = ones(&[2, 3, 4]);
         for (mask, message) in [
@@ -497,16 +342,8 @@ fn bad_input_and_mask_are_errors() {
                 "mask: expected dtype Bool or a floating-point kind, got Int",
             ),
         ] {
-            assert_eq!(
-                mix.f_forward_t(&inp, Some(&mask), false)
-                    .unwrap_err()
-                    .to_string(),
-                message
-            );
-            assert_eq!(
-                mix.f_importance(&inp, Some(&mask)).unwrap_err().to_string(),
-                message
-            );
+            assert_eq!(mix.f_forward_t(&inp, Some(&mask), false).unwrap_err().to_string(), message);
+            assert_eq!(mix.f_importance(&inp, Some(&mask)).unwrap_err().to_string(), message);
         }
     }
 }
@@ -525,10 +362,7 @@ fn runs_on_cuda_like_on_cpu() {
     ];
     for (cpu, gpu) in random_mixers(2, true).iter().zip(&gpu) {
         let state = tch_mix::StateDict::new(
-            cpu.variables()
-                .into_iter()
-                .map(|(k, t)| (k.to_string(), t))
-                .collect(),
+            cpu.variables().into_iter().map(|(k, t)| (k.to_string(), t)).collect(),
         );
         gpu.load_state(&state).unwrap();
         let inp = randn(&[3, 4, 6]);
@@ -537,15 +371,11 @@ fn runs_on_cuda_like_on_cpu() {
         ])
         .view([3, 4]);
         let expected = cpu.f_forward_t(&inp, Some(&mask), false).unwrap();
-        let actual = gpu
-            .f_forward_t(&inp.to(cuda), Some(&mask.to(cuda)), false)
-            .unwrap();
+        let actual = gpu.f_forward_t(&inp.to(cuda), Some(&mask.to(cuda)), false).unwrap();
         assert_close(&actual.to(Device::Cpu), &expected);
         let expected = cpu.f_importance(&inp, Some(&mask)).unwrap();
         assert_close(
-            &gpu.f_importance(&inp.to(cuda), Some(&mask.to(cuda)))
-                .unwrap()
-                .to(Device::Cpu),
+            &gpu.f_importance(&inp.to(cuda), Some(&mask.to(cuda))).unwrap().to(Device::Cpu),
             &expected,
         );
     }

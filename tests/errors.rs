@@ -19,12 +19,8 @@ fn mixers(vs: &nn::VarStore) -> Vec<Box<dyn Mixer>> {
 
 /// Runs forward and importance and returns both error messages, which must be equal.
 fn errors(mix: &dyn Mixer, inp: &Tensor, mask: Option<&Tensor>) -> String {
-    let forward = mix
-        .f_forward_t(inp, mask, false)
-        .expect_err("forward accepted bad input");
-    let importance = mix
-        .f_importance(inp, mask)
-        .expect_err("importance accepted bad input");
+    let forward = mix.f_forward_t(inp, mask, false).expect_err("forward accepted bad input");
+    let importance = mix.f_importance(inp, mask).expect_err("importance accepted bad input");
     assert_eq!(forward.to_string(), importance.to_string());
     forward.to_string()
 }
@@ -66,10 +62,7 @@ fn input_dtype_must_match_the_mixer() {
     let vs = nn::VarStore::new(Device::Cpu);
     for mix in mixers(&vs) {
         let inp = Tensor::ones([2, 3, 4], (Kind::Double, Device::Cpu));
-        assert_eq!(
-            errors(mix.as_ref(), &inp, None),
-            "input: expected dtype Float, got Double"
-        );
+        assert_eq!(errors(mix.as_ref(), &inp, None), "input: expected dtype Float, got Double");
     }
 }
 
@@ -83,9 +76,7 @@ fn input_device_must_match_the_mixer() {
     all.push(Box::new(
         CrossAttentionMixer::new(&(vs.root() / "c"), 4, Default::default()).unwrap(),
     ));
-    all.push(Box::new(
-        SelfAttentionMixer::new(&(vs.root() / "s"), 4, Default::default()).unwrap(),
-    ));
+    all.push(Box::new(SelfAttentionMixer::new(&(vs.root() / "s"), 4, Default::default()).unwrap()));
     for mix in all {
         let inp = Tensor::ones([2, 3, 4], (Kind::Float, cuda));
         assert!(
@@ -120,19 +111,13 @@ fn dropout_outside_zero_to_one_is_refused() {
             &vs.root(),
             4,
             3,
-            GlobalWeightsConfig {
-                dropout,
-                ..Default::default()
-            },
+            GlobalWeightsConfig { dropout, ..Default::default() },
         );
         let instance = InstanceWeightsMixer::new(
             &vs.root(),
             4,
             3,
-            InstanceWeightsConfig {
-                dropout,
-                ..Default::default()
-            },
+            InstanceWeightsConfig { dropout, ..Default::default() },
         );
         for result in [global.map(|_| ()), instance.map(|_| ())] {
             let err = result.expect_err("dropout accepted");
@@ -149,13 +134,7 @@ fn dropout_outside_zero_to_one_is_refused() {
 fn negative_sizes_are_refused() {
     let vs = nn::VarStore::new(Device::Cpu);
     let err = GlobalWeightsMixer::new(&vs.root(), 4, -1, Default::default()).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "invalid configuration: n_features must be at least 0, got -1"
-    );
+    assert_eq!(err.to_string(), "invalid configuration: n_features must be at least 0, got -1");
     let err = InstanceWeightsMixer::new(&vs.root(), 0, 3, Default::default()).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "invalid configuration: mod_dim must be at least 1, got 0"
-    );
+    assert_eq!(err.to_string(), "invalid configuration: mod_dim must be at least 1, got 0");
 }

@@ -16,23 +16,12 @@ fn torch_save_and_safetensors_hold_the_same_state() {
         let pt = StateDict::from_file(data(&format!("model-{dtype}.pt"))).unwrap();
         let st = StateDict::from_file(data(&format!("model-{dtype}.safetensors"))).unwrap();
         let keys: Vec<&str> = pt.keys().collect();
-        assert_eq!(
-            keys,
-            [
-                "mix.project.weight",
-                "mix.project.bias",
-                "head.weight",
-                "head.bias"
-            ]
-        );
+        assert_eq!(keys, ["mix.project.weight", "mix.project.bias", "head.weight", "head.bias"]);
         assert_eq!(pt.len(), st.len());
         for (key, tensor) in pt.iter() {
             let other = st.get(key).unwrap();
             assert_eq!(tensor.kind(), other.kind(), "{key}");
-            assert!(
-                tensor.equal(other),
-                "{key} differs between .pt and .safetensors"
-            );
+            assert!(tensor.equal(other), "{key} differs between .pt and .safetensors");
         }
     }
 }
@@ -57,10 +46,7 @@ fn mixer_loads_its_prefix_of_a_bigger_model_with_dtype_conversion() {
     let vs = nn::VarStore::new(Device::Cpu); // f32 mixer, bf16 file
     let mix = instance_mixer(&vs);
     mix.load_state(&state.sub("mix")).unwrap();
-    let expected = state
-        .get("mix.project.weight")
-        .unwrap()
-        .to_kind(Kind::Float);
+    let expected = state.get("mix.project.weight").unwrap().to_kind(Kind::Float);
     assert!(mix.weight.equal(&expected));
     assert_eq!(mix.weight.kind(), Kind::Float);
     assert!(mix
@@ -82,11 +68,9 @@ fn var_store_loads_a_whole_model_strictly() {
 
 fn strict_error(result: Result<(), MixError>) -> (Vec<String>, Vec<String>, Vec<ShapeMismatch>) {
     match result {
-        Err(MixError::StrictLoad {
-            missing,
-            unexpected,
-            mismatched,
-        }) => (missing, unexpected, mismatched),
+        Err(MixError::StrictLoad { missing, unexpected, mismatched }) => {
+            (missing, unexpected, mismatched)
+        }
         other => panic!("expected a strict-load error, got {other:?}"),
     }
 }
@@ -98,15 +82,7 @@ fn unprefixed_state_reports_every_missing_and_unexpected_key() {
     let mix = instance_mixer(&vs);
     let (missing, unexpected, mismatched) = strict_error(mix.load_state(&state));
     assert_eq!(missing, ["project.bias", "project.weight"]);
-    assert_eq!(
-        unexpected,
-        [
-            "mix.project.weight",
-            "mix.project.bias",
-            "head.weight",
-            "head.bias"
-        ]
-    );
+    assert_eq!(unexpected, ["mix.project.weight", "mix.project.bias", "head.weight", "head.bias"]);
     assert!(mismatched.is_empty());
 }
 
@@ -125,24 +101,15 @@ fn shape_mismatch_is_refused_and_nothing_is_copied() {
             ("project.bias".to_string(), vec![6], vec![3])
         ]
     );
-    assert!(
-        mix.weight.equal(&before),
-        "a failed load must not copy anything"
-    );
+    assert!(mix.weight.equal(&before), "a failed load must not copy anything");
 }
 
 #[test]
 fn extra_key_is_refused() {
     let state = StateDict::from_file(data("model-float32.pt")).unwrap();
-    let mut entries: Vec<(String, Tensor)> = state
-        .sub("mix")
-        .iter()
-        .map(|(k, t)| (k.to_string(), t.shallow_clone()))
-        .collect();
-    entries.push((
-        "project.scale".into(),
-        Tensor::ones([3], (Kind::Float, Device::Cpu)),
-    ));
+    let mut entries: Vec<(String, Tensor)> =
+        state.sub("mix").iter().map(|(k, t)| (k.to_string(), t.shallow_clone())).collect();
+    entries.push(("project.scale".into(), Tensor::ones([3], (Kind::Float, Device::Cpu))));
     let vs = nn::VarStore::new(Device::Cpu);
     let (missing, unexpected, _) =
         strict_error(instance_mixer(&vs).load_state(&StateDict::new(entries)));
@@ -152,10 +119,7 @@ fn extra_key_is_refused() {
         .load_state(&StateDict::new(vec![]))
         .unwrap_err()
         .to_string();
-    assert!(
-        message.contains("missing keys [\"project.bias\", \"project.weight\"]"),
-        "{message}"
-    );
+    assert!(message.contains("missing keys [\"project.bias\", \"project.weight\"]"), "{message}");
 }
 
 fn format_error(path: std::path::PathBuf) -> String {
@@ -174,10 +138,7 @@ fn pickled_module_is_refused_not_executed() {
 #[test]
 fn malicious_pickle_is_refused_not_executed() {
     let message = format_error(data("evil.pt"));
-    assert!(
-        message.contains("refusing global \"posix.system\""),
-        "{message}"
-    );
+    assert!(message.contains("refusing global \"posix.system\""), "{message}");
 }
 
 #[test]

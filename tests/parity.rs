@@ -29,12 +29,7 @@ fn check_all(device: Device) {
             Err(err) => failures.push(format!("{}: {err}", file.display())),
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} fixtures failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} fixtures failed:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
@@ -42,11 +37,7 @@ fn fixtures_cover_every_mixer_dtype_and_gradients() {
     let mut seen = BTreeSet::new();
     for file in fixture_files() {
         let fixture = Fixture::read(&file).unwrap();
-        assert!(
-            fixture.tensor("cotangent").is_ok(),
-            "{} has no gradient block",
-            file.display()
-        );
+        assert!(fixture.tensor("cotangent").is_ok(), "{} has no gradient block", file.display());
         seen.insert((
             fixture.meta("mixer").unwrap().to_string(),
             fixture.meta("dtype").unwrap().to_string(),

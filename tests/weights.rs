@@ -14,10 +14,7 @@ fn global(vs: &nn::VarStore, n_features: i64, config: GlobalWeightsConfig) -> Gl
 }
 
 fn no_skip() -> GlobalWeightsConfig {
-    GlobalWeightsConfig {
-        skip: false,
-        ..Default::default()
-    }
+    GlobalWeightsConfig { skip: false, ..Default::default() }
 }
 
 /// swak's InstanceWeightsMixer(4, n, bias=False, ...) with all projection weights set to one.
@@ -27,12 +24,7 @@ fn instance_ones(
     skip: bool,
     keep_dim: bool,
 ) -> InstanceWeightsMixer {
-    let config = InstanceWeightsConfig {
-        bias: false,
-        skip,
-        keep_dim,
-        ..Default::default()
-    };
+    let config = InstanceWeightsConfig { bias: false, skip, keep_dim, ..Default::default() };
     let mix = InstanceWeightsMixer::new(&vs.root(), 4, n_features, config).unwrap();
     let _ = tch::no_grad(|| mix.weight.shallow_clone().fill_(1.0));
     mix
@@ -44,10 +36,7 @@ fn global_defaults_match_swak() {
     let mix = global(&vs, 3, GlobalWeightsConfig::default());
     assert_eq!(mix.mod_dim(), 4);
     assert_eq!(mix.n_features(), 3);
-    assert_eq!(
-        (mix.dropout(), mix.skip(), mix.keep_dim()),
-        (0.0, true, false)
-    );
+    assert_eq!((mix.dropout(), mix.skip(), mix.keep_dim()), (0.0, true, false));
     assert_eq!((mix.device(), mix.kind()), (Device::Cpu, Kind::Float));
     assert_close(&mix.coeffs, &ones(&[3]));
     let names: Vec<_> = mix.variables().into_iter().map(|(k, _)| k).collect();
@@ -69,26 +58,16 @@ fn global_reset_parameters_restores_ones() {
 fn global_fresh_copy_has_same_hyper_parameters_and_own_weights() {
     let mut vs = nn::VarStore::new(Device::Cpu);
     vs.set_kind(Kind::Half);
-    let config = GlobalWeightsConfig {
-        dropout: 0.1,
-        skip: false,
-        keep_dim: true,
-    };
+    let config = GlobalWeightsConfig { dropout: 0.1, skip: false, keep_dim: true };
     let mix = global(&vs, 3, config);
     let _ = tch::no_grad(|| mix.coeffs.shallow_clone().fill_(2.0));
     let other = nn::VarStore::new(Device::Cpu);
     let fresh = mix.fresh(&(other.root() / "copy")).unwrap();
-    assert_eq!(
-        (fresh.mod_dim(), fresh.n_features(), fresh.config()),
-        (4, 3, config)
-    );
+    assert_eq!((fresh.mod_dim(), fresh.n_features(), fresh.config()), (4, 3, config));
     assert_eq!((fresh.kind(), fresh.device()), (Kind::Half, Device::Cpu));
     assert_close(&fresh.coeffs, &ones(&[3]));
     assert_close(&mix.coeffs, &(ones(&[3]) * 2.0));
-    assert_eq!(
-        other.variables().keys().collect::<Vec<_>>(),
-        ["copy.coeffs"]
-    );
+    assert_eq!(other.variables().keys().collect::<Vec<_>>(), ["copy.coeffs"]);
 }
 
 #[test]
@@ -101,10 +80,7 @@ fn global_forward_handles_any_number_of_leading_dims() {
         (vec![5, 3, 2, 4], vec![5, 3, 4]),
         (vec![5, 0, 2, 4], vec![5, 0, 4]),
     ] {
-        assert_close(
-            &mix.f_forward_t(&ones(&inp), None, false).unwrap(),
-            &ones(&out),
-        );
+        assert_close(&mix.f_forward_t(&ones(&inp), None, false).unwrap(), &ones(&out));
     }
 }
 
@@ -113,11 +89,7 @@ fn global_forward_accepts_and_ignores_a_mask() {
     let vs = nn::VarStore::new(Device::Cpu);
     let mix = global(&vs, 2, no_skip());
     let mask = Tensor::from_slice(&[true, false, true, true, false, false]).view([3, 2]);
-    assert_close(
-        &mix.f_forward_t(&ones(&[3, 2, 4]), Some(&mask), false)
-            .unwrap(),
-        &ones(&[3, 4]),
-    );
+    assert_close(&mix.f_forward_t(&ones(&[3, 2, 4]), Some(&mask), false).unwrap(), &ones(&[3, 4]));
     assert_close(
         &mix.f_importance(&ones(&[3, 2, 4]), Some(&mask)).unwrap(),
         &(ones(&[3, 2]) * 0.5),
@@ -133,14 +105,7 @@ fn global_skip_and_keep_dim() {
         &(ones(&[3, 4]) * 2.0),
     );
     let vs = nn::VarStore::new(Device::Cpu);
-    let keep = global(
-        &vs,
-        2,
-        GlobalWeightsConfig {
-            keep_dim: true,
-            ..Default::default()
-        },
-    );
+    let keep = global(&vs, 2, GlobalWeightsConfig { keep_dim: true, ..Default::default() });
     assert_close(
         &keep.f_forward_t(&ones(&[3, 2, 4]), None, false).unwrap(),
         &(ones(&[3, 1, 4]) * 2.0),
@@ -152,27 +117,13 @@ fn zero_features_give_the_input_or_zeros_for_every_flag() {
     for skip in [false, true] {
         for keep_dim in [false, true] {
             let vs = nn::VarStore::new(Device::Cpu);
-            let global = global(
-                &vs,
-                0,
-                GlobalWeightsConfig {
-                    skip,
-                    keep_dim,
-                    dropout: 0.0,
-                },
-            );
+            let global = global(&vs, 0, GlobalWeightsConfig { skip, keep_dim, dropout: 0.0 });
             let instance = instance_ones(&nn::VarStore::new(Device::Cpu), 0, skip, keep_dim);
             let expected = if keep_dim { vec![3, 0, 4] } else { vec![3, 4] };
             for mix in [&global as &dyn Mixer, &instance] {
                 let out = mix.f_forward_t(&ones(&[3, 0, 4]), None, false).unwrap();
-                assert_close(
-                    &out,
-                    &Tensor::zeros(expected.as_slice(), (Kind::Float, Device::Cpu)),
-                );
-                assert_eq!(
-                    mix.f_importance(&ones(&[3, 0, 4]), None).unwrap().size(),
-                    [3, 0]
-                );
+                assert_close(&out, &Tensor::zeros(expected.as_slice(), (Kind::Float, Device::Cpu)));
+                assert_eq!(mix.f_importance(&ones(&[3, 0, 4]), None).unwrap().size(), [3, 0]);
             }
         }
     }
@@ -201,10 +152,7 @@ fn global_one_and_five_features_mix_ones_to_ones() {
     for n in [1, 5] {
         let vs = nn::VarStore::new(Device::Cpu);
         let mix = global(&vs, n, no_skip());
-        assert_close(
-            &mix.f_forward_t(&ones(&[3, n, 4]), None, false).unwrap(),
-            &ones(&[3, 4]),
-        );
+        assert_close(&mix.f_forward_t(&ones(&[3, n, 4]), None, false).unwrap(), &ones(&[3, 4]));
     }
 }
 
@@ -215,12 +163,7 @@ fn instance_defaults_match_swak() {
     assert_eq!((mix.mod_dim(), mix.n_features()), (4, 3));
     assert_eq!(
         mix.config(),
-        InstanceWeightsConfig {
-            bias: true,
-            dropout: 0.0,
-            skip: true,
-            keep_dim: false
-        }
+        InstanceWeightsConfig { bias: true, dropout: 0.0, skip: true, keep_dim: false }
     );
     assert_eq!(mix.weight.size(), [3, 12]);
     assert_eq!(mix.bias.as_ref().unwrap().size(), [3]);
@@ -238,12 +181,7 @@ fn instance_defaults_match_swak() {
 #[test]
 fn instance_reset_and_fresh_reinitialise() {
     let vs = nn::VarStore::new(Device::Cpu);
-    let config = InstanceWeightsConfig {
-        bias: false,
-        dropout: 0.1,
-        skip: false,
-        keep_dim: true,
-    };
+    let config = InstanceWeightsConfig { bias: false, dropout: 0.1, skip: false, keep_dim: true };
     let mut mix = InstanceWeightsMixer::new(&vs.root(), 4, 3, config).unwrap();
     assert!(mix.bias.is_none());
     let _ = tch::no_grad(|| mix.weight.shallow_clone().fill_(7.0));
@@ -251,10 +189,7 @@ fn instance_reset_and_fresh_reinitialise() {
     assert!(mix.weight.abs().max().double_value(&[]) <= 1.0 / 12f64.sqrt());
     let other = nn::VarStore::new(Device::Cpu);
     let fresh = mix.fresh(&other.root()).unwrap();
-    assert_eq!(
-        (fresh.config(), fresh.n_features(), fresh.mod_dim()),
-        (config, 3, 4)
-    );
+    assert_eq!((fresh.config(), fresh.n_features(), fresh.mod_dim()), (config, 3, 4));
     assert!(!fresh.weight.equal(&mix.weight));
     assert_eq!(other.variables().len(), 1);
 }
@@ -269,10 +204,7 @@ fn instance_forward_handles_any_number_of_leading_dims() {
         (vec![1, 3, 5, 2, 4], vec![1, 3, 5, 4]),
         (vec![3, 0, 2, 4], vec![3, 0, 4]),
     ] {
-        assert_close(
-            &mix.f_forward_t(&ones(&inp), None, false).unwrap(),
-            &ones(&out),
-        );
+        assert_close(&mix.f_forward_t(&ones(&inp), None, false).unwrap(), &ones(&out));
     }
 }
 
@@ -302,10 +234,7 @@ fn instance_importance_of_equal_scores_is_uniform() {
     ] {
         let mix = instance_ones(&nn::VarStore::new(Device::Cpu), n, true, false);
         let leading = &shape[..shape.len() - 1];
-        assert_close(
-            &mix.f_importance(&ones(&shape), None).unwrap(),
-            &(ones(leading) / n as f64),
-        );
+        assert_close(&mix.f_importance(&ones(&shape), None).unwrap(), &(ones(leading) / n as f64));
     }
 }
 
@@ -314,41 +243,22 @@ fn instance_scores_are_the_projection_of_the_flattened_features() {
     // swak's test_norm_called: with all-one weights the softmax sees 8 = 2 features x 4 dims.
     let mix = instance_ones(&nn::VarStore::new(Device::Cpu), 2, false, false);
     let inp = Tensor::arange(24, (Kind::Float, Device::Cpu)).view([3, 2, 4]);
-    let scores = inp
-        .flatten(-2, -1)
-        .sum_dim_intlist(-1, true, None::<Kind>)
-        .expand([3, 2], false);
-    assert_close(
-        &mix.f_importance(&inp, None).unwrap(),
-        &scores.softmax(-1, None::<Kind>),
-    );
+    let scores = inp.flatten(-2, -1).sum_dim_intlist(-1, true, None::<Kind>).expand([3, 2], false);
+    assert_close(&mix.f_importance(&inp, None).unwrap(), &scores.softmax(-1, None::<Kind>));
 }
 
 #[test]
 fn dropout_is_active_in_training_only() {
     let vs = nn::VarStore::new(Device::Cpu);
-    let config = GlobalWeightsConfig {
-        dropout: 0.5,
-        skip: false,
-        keep_dim: false,
-    };
+    let config = GlobalWeightsConfig { dropout: 0.5, skip: false, keep_dim: false };
     let mix = global(&vs, 2, config);
     let inp = ones(&[1000, 2, 4]);
-    assert_close(
-        &mix.f_forward_t(&inp, None, false).unwrap(),
-        &ones(&[1000, 4]),
-    );
+    assert_close(&mix.f_forward_t(&inp, None, false).unwrap(), &ones(&[1000, 4]));
     let trained = mix.f_forward_t(&inp, None, true).unwrap();
     let zeros = trained.eq(0.0).sum(Kind::Int64).int64_value(&[]);
-    assert!(
-        (1000..3000).contains(&zeros),
-        "{zeros} of 4000 dropped at p = 0.5"
-    );
+    assert!((1000..3000).contains(&zeros), "{zeros} of 4000 dropped at p = 0.5");
     let kept = trained.ne(0.0);
-    assert_close(
-        &trained.masked_select(&kept),
-        &(ones(&[4000 - zeros]) * 2.0),
-    );
+    assert_close(&trained.masked_select(&kept), &(ones(&[4000 - zeros]) * 2.0));
 }
 
 #[test]

@@ -7,9 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 /// A file under `tests/data`.
 pub fn data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
 }
 
 /// The folder of committed fixtures.
@@ -26,15 +24,8 @@ pub fn ones(shape: &[i64]) -> Tensor {
 pub fn assert_close(actual: &Tensor, expected: &Tensor) {
     assert_eq!(actual.size(), expected.size(), "shapes differ");
     let diff = (actual.to_kind(Kind::Double) - expected.to_kind(Kind::Double)).abs();
-    let max = if diff.numel() == 0 {
-        0.0
-    } else {
-        diff.max().double_value(&[])
-    };
-    assert!(
-        max <= 1e-6,
-        "max abs difference {max}: {actual} vs {expected}"
-    );
+    let max = if diff.numel() == 0 { 0.0 } else { diff.max().double_value(&[]) };
+    assert!(max <= 1e-6, "max abs difference {max}: {actual} vs {expected}");
 }
 
 /// The first CUDA device, or `None` with a note on stderr saying why the test is skipped.

@@ -36,14 +36,9 @@ fn parse(args: &[String]) -> Result<Options> {
     };
     let mut args = args.iter();
     while let Some(flag) = args.next() {
-        let value = args
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?;
-        let number = || {
-            value
-                .parse::<i64>()
-                .with_context(|| format!("{flag}: not a number: {value}"))
-        };
+        let value = args.next().with_context(|| format!("{flag} needs a value"))?;
+        let number =
+            || value.parse::<i64>().with_context(|| format!("{flag}: not a number: {value}"));
         match flag.as_str() {
             "--mixer" => options.mixer = value.clone(),
             "--mod-dim" => options.mod_dim = number()?,
@@ -65,10 +60,7 @@ fn parse(args: &[String]) -> Result<Options> {
 
 fn build(options: &Options, path: &nn::Path) -> Result<Box<dyn Mixer>> {
     let (d, f) = (options.mod_dim, options.n_features);
-    let attention = AttentionConfig {
-        n_heads: options.n_heads,
-        ..Default::default()
-    };
+    let attention = AttentionConfig { n_heads: options.n_heads, ..Default::default() };
     Ok(match options.mixer.as_str() {
         "global" => Box::new(GlobalWeightsMixer::new(path, d, f, Default::default())?),
         "instance" => Box::new(InstanceWeightsMixer::new(path, d, f, Default::default())?),
@@ -119,9 +111,7 @@ fn peak_extra_mib(call: impl FnOnce() -> tch_mix::Result<()>) -> Result<Option<f
     }
     let before = read("VmRSS:");
     call()?;
-    Ok(before
-        .zip(read("VmHWM:"))
-        .map(|(before, peak)| peak - before))
+    Ok(before.zip(read("VmHWM:")).map(|(before, peak)| peak - before))
 }
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -138,16 +128,11 @@ pub fn run(args: &[String]) -> Result<()> {
     let inp = Tensor::f_randn(shape, (kind, options.device))?;
     let reps = options.reps;
     let _guard = tch::no_grad_guard();
-    let forward = median_ms(reps, options.device, || {
-        mixer.f_forward_t(&inp, None, false).map(drop)
-    })?;
-    let importance = median_ms(reps, options.device, || {
-        mixer.f_importance(&inp, None).map(drop)
-    })?;
+    let forward =
+        median_ms(reps, options.device, || mixer.f_forward_t(&inp, None, false).map(drop))?;
+    let importance = median_ms(reps, options.device, || mixer.f_importance(&inp, None).map(drop))?;
     let both = median_ms(reps, options.device, || {
-        mixer
-            .f_forward_and_importance_t(&inp, None, false)
-            .map(drop)
+        mixer.f_forward_and_importance_t(&inp, None, false).map(drop)
     })?;
     let input_mib = inp.numel() as f64 * kind.elt_size_in_bytes() as f64 / (1 << 20) as f64;
     let extra = match options.device {

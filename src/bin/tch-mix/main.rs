@@ -107,10 +107,9 @@ fn check(args: &[String]) -> Result<bool> {
     }
     let (mut passed, mut failed) = (0, 0);
     for file in &files {
-        let name = file.file_name().map_or_else(
-            || file.display().to_string(),
-            |n| n.to_string_lossy().into(),
-        );
+        let name = file
+            .file_name()
+            .map_or_else(|| file.display().to_string(), |n| n.to_string_lossy().into());
         match check_one(file, device, out.as_deref()) {
             Ok(row) => {
                 println!("{name:<64} {row}");
@@ -138,17 +137,9 @@ fn check_one(file: &Path, device: Device, out: Option<&Path>) -> Result<String> 
         report.write(&out.join(name))?;
     }
     let worst = report.worst().context("nothing compared")?;
-    let max_rel = report
-        .comparisons
-        .iter()
-        .map(|c| c.max_rel)
-        .fold(0.0, f64::max);
-    let failures: Vec<&str> = report
-        .comparisons
-        .iter()
-        .filter(|c| !c.passed)
-        .map(|c| c.name.as_str())
-        .collect();
+    let max_rel = report.comparisons.iter().map(|c| c.max_rel).fold(0.0, f64::max);
+    let failures: Vec<&str> =
+        report.comparisons.iter().filter(|c| !c.passed).map(|c| c.name.as_str()).collect();
     let verdict = if failures.is_empty() {
         "PASS".to_string()
     } else {

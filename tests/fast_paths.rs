@@ -1,0 +1,178 @@
+//! The fast paths against the straightforward ones: the pooled attention against PyTorch's own
+//! op sequence (kept as `MultiheadAttention::output` and `::weights`), gradients included, and
+//! the one-pass CPU kernels of inference against the autograd path.
+
+mod common;
+
+use tch::{nn, Device, Kind, Tensor};
+use tch_mix::{
+    AttentionConfig, CrossAttentionMixer, GlobalWeightsMixer, InstanceWeightsMixer, Mixer,
+    MultiheadAttention, Pooling, Query, SelfAttentionMixer,
+};
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    if a.numel() == 0 {
+        return 0.0;
+    }
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
+}
+
+/// An f64 attention module with random weights and non-zero biases.
+fn attention(vs: &nn::VarStore, heads: i64) -> MultiheadAttention {
+    let attention =
+        MultiheadAttention::new(&vs.root(), 6, heads, true, Kind::Double, Device::Cpu).unwrap();
+    for bias in [&attention.in_proj_bias, &attention.out_proj_bias].into_iter().flatten() {
+        tch::no_grad(|| bias.shallow_clone().copy_(&(Tensor::randn_like(bias) * 0.3)));
+    }
+    attention
+}
+
+#[test]
+fn pooled_attention_equals_pytorch_sequence_with_gradients() {
+    tch::manual_seed(3);
+    for heads in [1, 2, 3] {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let attention = attention(&vs, heads);
+        let inp = Tensor::randn([5, 4, 6], (Kind::Double, Device::Cpu)).set_requires_grad(true);
+        let dead = Tensor::from_slice(&[true, true, true, true]).view([1, 4]);
+        let rest = Tensor::rand([4, 4], (Kind::Float, Device::Cpu)).lt(0.4);
+        let bool_mask = Tensor::cat(&[dead, rest], 0);
+        let masks = [None, Some(attention.additive_mask(&bool_mask).unwrap())];
+        for mask in masks.iter().map(Option::as_ref) {
+            for pooling in [Pooling::Cross, Pooling::SelfMean] {
+                let constant = Tensor::ones([5, 1, 6], (Kind::Double, Device::Cpu));
+                let query = match pooling {
+                    Pooling::Cross => Query::Cross(&constant),
+                    Pooling::SelfMean => Query::SelfAttention,
+                };
+                let reference_out = attention.output(query, &inp, mask, 0.0).unwrap().mean_dim(
+                    1,
+                    false,
+                    None::<Kind>,
+                );
+                let reference_weights =
+                    attention.weights(query, &inp, mask).unwrap().mean_dim(1, false, None::<Kind>);
+                let fast = attention.pool(pooling, &inp, mask, 0.0, true, true).unwrap();
+                let (out, weights) = (fast.mixed.unwrap(), fast.importance.unwrap());
+                assert!(max_diff(&out, &reference_out) < 1e-12, "{pooling:?} output");
+                assert!(max_diff(&weights, &reference_weights) < 1e-12, "{pooling:?} weights");
+                // Gradients of the same loss through both paths.
+                let cotangent = Tensor::randn_like(&out);
+                let mut wrt = vec![&inp, &attention.in_proj_weight, &attention.out_proj_weight];
+                wrt.extend(attention.in_proj_bias.as_ref());
+                wrt.extend(attention.out_proj_bias.as_ref());
+                let loss = |t: &Tensor| (t * &cotangent).sum(Kind::Double);
+                let fast_grads = Tensor::run_backward(&[loss(&out)], &wrt, false, false);
+                let reference_grads =
+                    Tensor::run_backward(&[loss(&reference_out)], &wrt, false, false);
+                for (a, b) in fast_grads.iter().zip(&reference_grads) {
+                    assert!(
+                        max_diff(a, b) < 1e-12,
+                        "{pooling:?} gradient differs by {}",
+                        max_diff(a, b)
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Every mixer, f32 or f64, with random weights, on `(n, f, d)` input.
+fn mixers(kind: Kind, f: i64, d: i64, skip: bool) -> (nn::VarStore, Vec<Box<dyn Mixer>>) {
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    vs.set_kind(kind);
+    let attention = AttentionConfig { n_heads: 4, skip, ..Default::default() };
+    let mixers: Vec<Box<dyn Mixer>> = vec![
+        Box::new(
+            GlobalWeightsMixer::new(
+                &(vs.root() / "g"),
+                d,
+                f,
+                tch_mix::GlobalWeightsConfig { skip, ..Default::default() },
+            )
+            .unwrap(),
+        ),
+        Box::new(
+            InstanceWeightsMixer::new(
+                &(vs.root() / "i"),
+                d,
+                f,
+                tch_mix::InstanceWeightsConfig { skip, ..Default::default() },
+            )
+            .unwrap(),
+        ),
+        Box::new(CrossAttentionMixer::new(&(vs.root() / "c"), d, attention).unwrap()),
+        Box::new(SelfAttentionMixer::new(&(vs.root() / "s"), d, attention).unwrap()),
+    ];
+    for (key, t) in vs.variables() {
+        if key.ends_with("bias") || key.ends_with("coeffs") {
+            tch::no_grad(|| t.shallow_clone().copy_(&(Tensor::randn_like(&t) * 0.3)));
+        }
+    }
+    (vs, mixers)
+}
+
+/// The inference path (no autograd: CPU kernels, chunks, threads) against the autograd path.
+fn kernels_match_autograd(kind: Kind, n: i64, f: i64, d: i64, tolerance: f64) {
+    tch::manual_seed(11);
+    for skip in [true, false] {
+        let (_vs, mixers) = mixers(kind, f, d, skip);
+        let inp = Tensor::randn([n, f, d], (kind, Device::Cpu));
+        let mask = Tensor::rand([n, f], (Kind::Float, Device::Cpu)).lt(0.3);
+        let _ = mask.get(0).fill_(1); // one fully masked row
+        for mix in &mixers {
+            let (out, importance) =
+                mix.f_forward_and_importance_t(&inp, Some(&mask), false).unwrap();
+            let (fast_out, fast_importance) =
+                tch::no_grad(|| mix.f_forward_and_importance_t(&inp, Some(&mask), false)).unwrap();
+            assert!(
+                max_diff(&out, &fast_out) < tolerance,
+                "{mix:?}: output {}",
+                max_diff(&out, &fast_out)
+            );
+            assert!(max_diff(&importance, &fast_importance) < tolerance, "{mix:?}: importance");
+            let alone = tch::no_grad(|| mix.f_importance(&inp, Some(&mask))).unwrap();
+            assert!(max_diff(&alone, &fast_importance) < tolerance);
+            let forward = tch::no_grad(|| mix.f_forward_t(&inp, Some(&mask), false)).unwrap();
+            assert!(max_diff(&forward, &fast_out) < tolerance);
+        }
+    }
+}
+
+#[test]
+fn cpu_kernels_match_autograd_path_f64() {
+    kernels_match_autograd(Kind::Double, 300, 5, 8, 1e-12); // several threads
+}
+
+#[test]
+fn cpu_kernels_match_autograd_path_f32_in_chunks() {
+    // 2100 instances of 16 x 256 f32 exceed one 32 MiB chunk of the attention mixers.
+    kernels_match_autograd(Kind::Float, 2100, 16, 256, 1e-4);
+}
+
+#[test]
+fn dropout_in_training_keeps_the_mix_unbiased() {
+    // Dropout drops attention weights and mixed outputs; pooling first must keep the sum of the
+    // dropped weights, so the average of many training passes is the eval output.
+    tch::manual_seed(5);
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    vs.set_kind(Kind::Double);
+    let config = AttentionConfig { n_heads: 2, dropout: 0.2, ..Default::default() };
+    let mixers: Vec<Box<dyn Mixer>> = vec![
+        Box::new(CrossAttentionMixer::new(&(vs.root() / "c"), 6, config).unwrap()),
+        Box::new(SelfAttentionMixer::new(&(vs.root() / "s"), 6, config).unwrap()),
+    ];
+    let inp = Tensor::randn([3, 4, 6], (Kind::Double, Device::Cpu));
+    for mix in &mixers {
+        let eval = mix.f_forward_t(&inp, None, false).unwrap();
+        let runs = 4000;
+        let mut total = Tensor::zeros_like(&eval);
+        for _ in 0..runs {
+            total += mix.f_forward_t(&inp, None, true).unwrap().detach();
+        }
+        let mean = total / runs as f64;
+        assert!(max_diff(&mean, &eval) < 0.05, "{mix:?}: {}", max_diff(&mean, &eval));
+        assert!(max_diff(&mix.f_forward_t(&inp, None, true).unwrap(), &eval) > 1e-6, "no dropout");
+    }
+}
