@@ -434,7 +434,7 @@ impl MultiheadAttention {
             Pooling::Cross => {
                 let weights = self.pooling_weights(pooling, inp, mask)?;
                 let pooled = match output {
-                    true => kernels::pool(&weights, inp, true)?,
+                    true => kernels::pool(&weights, inp, 0.0, true)?,
                     false => None,
                 };
                 Some((weights, pooled))
@@ -444,7 +444,7 @@ impl MultiheadAttention {
                 match kernels::self_weights(&qk, h, scale, mask)? {
                     Some(weights) => {
                         let pooled = match output {
-                            true => kernels::pool(&weights, inp, true)?,
+                            true => kernels::pool(&weights, inp, 0.0, true)?,
                             false => None,
                         };
                         Some((weights, pooled))

@@ -26,12 +26,12 @@ pub(crate) fn applies(tensors: &[&Tensor]) -> bool {
         && tensors.iter().all(|t| t.device() == Device::Cpu && t.kind() == kind)
 }
 
-/// Weighted sums of stacked features: `out[k, n, :] = sum_f w[n, k, f] x[n, f, :]`, plus, with
+/// Weighted sums of stacked features: `out[k, n, :] = sum_f (w[n, k, f] + shift) x[n, f, :]`, plus, with
 /// `mean`, one more row `out[K, n, :] = mean_f x[n, f, :]` (swak's skip term).
 ///
 /// `weights`: `(N, K, F)`, or `(K, F)` shared by all instances; `x`: `(N, F, D)`. Returns
 /// `(K + mean, N, D)`, head-major for per-head projections; `None` where [`applies`] is false.
-pub(crate) fn pool(weights: &Tensor, x: &Tensor, mean: bool) -> Result<Option<Tensor>> {
+pub(crate) fn pool(weights: &Tensor, x: &Tensor, shift: f64, mean: bool) -> Result<Option<Tensor>> {
     if !applies(&[x, weights]) {
         return Ok(None);
     }
@@ -44,7 +44,7 @@ pub(crate) fn pool(weights: &Tensor, x: &Tensor, mean: bool) -> Result<Option<Te
     dispatch!(x.kind(), |T| {
         let (x, w) = (slice::<T>(&x), slice::<T>(&weights));
         let out = Out::<T>::new(&out);
-        let job = PoolJob { shape, x, w, shared, mean, out };
+        let job = PoolJob { shape, x, w, shift: T::from_f64(shift), shared, mean, out };
         parallel(shape.n, |range| run!(pool_range, pool_range_wide, job, range));
     });
     Ok(Some(out))
@@ -328,6 +328,7 @@ struct PoolJob<'a, T> {
     shape: Shape,
     x: &'a [T],
     w: &'a [T],
+    shift: T,
     shared: bool,
     mean: bool,
     out: Out<T>,
@@ -337,11 +338,15 @@ struct PoolJob<'a, T> {
 fn pool_range<T: Element>(job: &PoolJob<'_, T>, range: std::ops::Range<usize>) {
     let Shape { n, f, d, k } = job.shape;
     let uniform = vec![T::from_f64(1.0 / f as f64); f];
+    let mut shifted = vec![T::ZERO; f];
     for i in range {
         let x = &job.x[i * f * d..(i + 1) * f * d];
         let w = if job.shared { job.w } else { &job.w[i * k * f..(i + 1) * k * f] };
         for row in 0..k {
-            weighted_rows(job.out.row((row * n + i) * d, d), &w[row * f..(row + 1) * f], x, d);
+            for (s, &w) in shifted.iter_mut().zip(&w[row * f..(row + 1) * f]) {
+                *s = w + job.shift;
+            }
+            weighted_rows(job.out.row((row * n + i) * d, d), &shifted, x, d);
         }
         if job.mean {
             weighted_rows(job.out.row((k * n + i) * d, d), &uniform, x, d);

@@ -237,15 +237,17 @@ pub(crate) fn mix_weighted(
     let features = inp.size()[inp.dim() - 2];
     // In half precision `w + 1/F` would round the weights: keep swak's sequence there.
     if is_half(inp.kind()) || (train && dropout > 0.0) || !skip {
-        return finish(weighted_sum(weights, inp)?, inp, None, dropout, skip, keep_dim, train);
+        let mixed = weighted_sum(weights, inp, 0.0)?;
+        return finish(mixed, inp, None, dropout, skip, keep_dim, train);
     }
-    let mixed = weighted_sum(&weights.f_add_scalar(1.0 / features as f64)?, inp)?;
+    let mixed = weighted_sum(weights, inp, 1.0 / features as f64)?;
     Ok(if keep_dim { mixed } else { mixed.f_squeeze_dim(-2)? })
 }
 
-/// `(..., F) x (..., F, D) -> (..., 1, D)`, weights `(F,)` shared by all instances or one row
-/// each; on the CPU without autograd in one pass over the input (see [`kernels::pool`]).
-fn weighted_sum(weights: &Tensor, inp: &Tensor) -> Result<Tensor> {
+/// `(..., F) x (..., F, D) -> (..., 1, D)` with the weights plus `shift`, weights `(F,)` shared
+/// by all instances or one row each; on the CPU without autograd in one pass over the input
+/// (see [`kernels::pool`]).
+fn weighted_sum(weights: &Tensor, inp: &Tensor, shift: f64) -> Result<Tensor> {
     let shape = inp.size();
     let (features, dim) = (shape[shape.len() - 2], shape[shape.len() - 1]);
     let rows = match weights.dim() {
@@ -253,14 +255,14 @@ fn weighted_sum(weights: &Tensor, inp: &Tensor) -> Result<Tensor> {
         _ => weights.f_reshape([-1, 1, features])?,
     };
     let flat = inp.f_reshape([-1, features, dim])?;
-    Ok(match kernels::pool(&rows, &flat, false)? {
-        Some(pooled) => {
-            let mut out_shape = shape.clone();
-            out_shape[shape.len() - 2] = 1;
-            pooled.f_reshape(out_shape)?
-        }
-        None => weights.f_unsqueeze(-2)?.f_matmul(inp)?,
-    })
+    if let Some(pooled) = kernels::pool(&rows, &flat, shift, false)? {
+        let mut out_shape = shape.clone();
+        out_shape[shape.len() - 2] = 1;
+        return Ok(pooled.f_reshape(out_shape)?);
+    }
+    let weights =
+        if shift == 0.0 { weights.shallow_clone() } else { weights.f_add_scalar(shift)? };
+    Ok(weights.f_unsqueeze(-2)?.f_matmul(inp)?)
 }
 
 /// Whether autograd records operations now (it does unless inside `tch::no_grad`).
