@@ -398,16 +398,37 @@ fn self_range<T: Element>(job: &SelfJob<'_, T>, range: std::ops::Range<usize>) {
     let hd = d / heads;
     let inv = T::from_f64(1.0 / f as f64);
     let mut scores = vec![T::ZERO; f];
+    // One head's keys transposed, `hd x F` padded to whole blocks of 8 keys, so that a query's
+    // scores against 8 keys are `sum_e q[e] keys[e, block]`: one vector register per block.
+    let padded = f.div_ceil(8) * 8;
+    let mut keys = vec![T::ZERO; hd * padded];
     for i in range {
         let qk = &job.qk[i * f * 2 * d..(i + 1) * f * 2 * d];
+        let mask = job.m.map(|m| &m[i * f..(i + 1) * f]);
         let out = job.weights.row(i * heads * f, heads * f);
         out.iter_mut().for_each(|o| *o = T::ZERO);
         for (h, mean) in out.chunks_exact_mut(f).enumerate() {
+            let head_keys = &qk[d + h * hd..];
+            for (e, row) in keys.chunks_exact_mut(padded).enumerate() {
+                for (key, slot) in row[..f].iter_mut().enumerate() {
+                    *slot = head_keys[key * 2 * d + e];
+                }
+            }
             for query in 0..f {
                 let q = &qk[query * 2 * d + h * hd..][..hd];
-                for (key, score) in scores.iter_mut().enumerate() {
-                    let k = &qk[key * 2 * d + d + h * hd..][..hd];
-                    *score = dot(q, k) * job.scale + job.m.map_or(T::ZERO, |m| m[i * f + key]);
+                for block in (0..f).step_by(8) {
+                    let mut acc = [T::ZERO; 8];
+                    for (&q, row) in q.iter().zip(keys.chunks_exact(padded)) {
+                        let row = &row[block..block + 8];
+                        for l in 0..8 {
+                            acc[l] += q * row[l];
+                        }
+                    }
+                    let width = (f - block).min(8);
+                    for l in 0..width {
+                        scores[block + l] =
+                            acc[l] * job.scale + mask.map_or(T::ZERO, |m| m[block + l]);
+                    }
                 }
                 softmax(&mut scores);
                 axpy(mean, inv, &scores);
