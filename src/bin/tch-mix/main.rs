@@ -27,6 +27,11 @@ const USAGE: &str = "usage:
       the median of R calls after warm-up. The last line is machine-readable.";
 
 fn main() -> ExitCode {
+    // Die quietly like other Unix tools when the reader of our output goes away (`| head`).
+    // SAFETY: restores the default action of SIGPIPE before any thread or output exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("check") => check(&args[1..]),
