@@ -717,3 +717,103 @@ impl AttentionCore {
         Ok((mixed, weights))
     }
 }
+
+/// Defines an attention mixer: `$name`, with the docs given, pooling as `$pooling`. Both
+/// attention mixers are this one implementation over [`AttentionCore`]; they differ only in how
+/// they pool.
+macro_rules! attention_mixer {
+    ($(#[$doc:meta])* $name:ident, $pooling:expr) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $name {
+            core: $crate::attention::AttentionCore,
+        }
+
+        impl $name {
+            /// Creates the mixer with its variables `attention.in_proj_weight`, `attention.in_proj_bias`,
+            /// `attention.out_proj.weight` and `attention.out_proj.bias` under `path`, in the VarStore's
+            /// dtype and device, initialised like PyTorch's `nn.MultiheadAttention`.
+            pub fn new(path: &tch::nn::Path, mod_dim: i64, config: $crate::AttentionConfig) -> $crate::Result<Self> {
+                Ok(Self { core: $crate::attention::AttentionCore::new(path, mod_dim, config, path.kind(), path.device())? })
+            }
+
+            /// The hyper-parameters.
+            pub fn config(&self) -> $crate::AttentionConfig {
+                self.core.config
+            }
+
+            /// The attention module (its tensors are public).
+            pub fn attention(&self) -> &crate::MultiheadAttention {
+                &self.core.attention
+            }
+        }
+
+        impl $crate::Mixer for $name {
+            fn mod_dim(&self) -> i64 {
+                self.core.mod_dim
+            }
+
+            fn device(&self) -> tch::Device {
+                self.core.device()
+            }
+
+            fn kind(&self) -> tch::Kind {
+                self.core.kind()
+            }
+
+            fn skip(&self) -> bool {
+                self.core.config.skip
+            }
+
+            fn keep_dim(&self) -> bool {
+                self.core.config.keep_dim
+            }
+
+            fn dropout(&self) -> f64 {
+                self.core.config.dropout
+            }
+
+            fn f_forward_t(&self, inp: &tch::Tensor, mask: Option<&tch::Tensor>, train: bool) -> $crate::Result<tch::Tensor> {
+                let (mixed, _) = self.core.mix($pooling, inp, mask, train, true, false)?;
+                Ok(mixed.expect("asked for"))
+            }
+
+            fn f_importance(&self, inp: &tch::Tensor, mask: Option<&tch::Tensor>) -> $crate::Result<tch::Tensor> {
+                let (_, importance) = self.core.mix($pooling, inp, mask, false, false, true)?;
+                Ok(importance.expect("asked for"))
+            }
+
+            fn f_forward_and_importance_t(
+                &self,
+                inp: &tch::Tensor,
+                mask: Option<&tch::Tensor>,
+                train: bool,
+            ) -> $crate::Result<(tch::Tensor, tch::Tensor)> {
+                let (mixed, importance) = self.core.mix($pooling, inp, mask, train, true, true)?;
+                Ok((mixed.expect("asked for"), importance.expect("asked for")))
+            }
+
+            fn reset_parameters(&mut self) -> $crate::Result<()> {
+                self.core.attention.reset_parameters()
+            }
+
+            fn variables(&self) -> Vec<(&'static str, tch::Tensor)> {
+                self.core.variables()
+            }
+
+            fn fresh(&self, path: &tch::nn::Path) -> $crate::Result<Self> {
+                let core = $crate::attention::AttentionCore::new(
+                    path,
+                    self.core.mod_dim,
+                    self.core.config,
+                    self.kind(),
+                    self.device(),
+                )?;
+                Ok(Self { core })
+            }
+        }
+
+        crate::mixer::impl_module_t!($name);
+    };
+}
+pub(crate) use attention_mixer;
