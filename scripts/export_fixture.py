@@ -158,7 +158,7 @@ def main():
 
     mixer = build_mixer(args)
     if args.weights:
-        state = (load_tensor_file(args.weights))
+        state = load_tensor_file(args.weights)
         if args.prefix:
             dotted = args.prefix + "."
             state = {k[len(dotted):]: v for k, v in state.items() if k.startswith(dotted)}
