@@ -41,6 +41,32 @@ pub struct MultiheadAttention {
     pub out_proj_bias: Option<Tensor>,
     embed_dim: i64,
     n_heads: i64,
+    /// Tensors derived from the weights that inference reuses from call to call.
+    derived: std::sync::Mutex<Option<Derived>>,
+}
+
+/// Tensors derived from the input projection, `(key, tensors)`; the key (each weight's storage,
+/// version counter and dtype) changes with every write to a weight, which voids them.
+#[derive(Debug)]
+struct Derived {
+    key: Vec<(usize, i64, Kind)>,
+    /// Cross-attention's folded key vectors, scaled, transposed: `(D, H)`.
+    key_vectors: Tensor,
+    /// The value projection per head, transposed: `(H, D, hd)`.
+    value_weights: Tensor,
+    /// The value bias per head: `(1, H, hd)`.
+    value_bias: Option<Tensor>,
+}
+
+impl Derived {
+    fn shallow_clone(&self) -> Self {
+        Self {
+            key: self.key.clone(),
+            key_vectors: self.key_vectors.shallow_clone(),
+            value_weights: self.value_weights.shallow_clone(),
+            value_bias: self.value_bias.as_ref().map(Tensor::shallow_clone),
+        }
+    }
 }
 
 impl MultiheadAttention {
@@ -76,6 +102,7 @@ impl MultiheadAttention {
             false => None,
         };
         let mut attention = Self {
+            derived: Default::default(),
             in_proj_weight,
             in_proj_bias,
             out_proj_weight,
@@ -321,6 +348,7 @@ impl MultiheadAttention {
         // would otherwise round differently by more than half precision resolves.
         let up = |t: &Tensor| t.f_to_kind(Kind::Float);
         let wide = Self {
+            derived: Default::default(),
             in_proj_weight: up(&self.in_proj_weight)?,
             in_proj_bias: self.in_proj_bias.as_ref().map(up).transpose()?,
             out_proj_weight: self.out_proj_weight.shallow_clone(),
@@ -362,7 +390,7 @@ impl MultiheadAttention {
         importance: bool,
     ) -> Result<Pooled> {
         let (n, _, d) = inp.size3()?;
-        let (h, hd) = (self.n_heads, d / self.n_heads);
+        let h = self.n_heads;
         let average_heads = |w: &Tensor| -> Result<Option<Tensor>> {
             Ok(match importance {
                 true => Some(w.f_mean_dim(1, false, None::<Kind>)?),
@@ -401,12 +429,17 @@ impl MultiheadAttention {
             Some(pooled) => (pooled.f_narrow(0, 0, h)?, Some(pooled.f_get(h)?)),
             None => (key_weights.f_matmul(inp)?.f_transpose(0, 1)?, None), // (H, N, D)
         };
-        let w_v = self.in_proj_weight.f_narrow(0, 2 * d, d)?.f_view([h, hd, d])?;
-        let mut heads = pooled.f_bmm(&w_v.f_transpose(1, 2)?)?.f_transpose(0, 1)?; // (N, H, hd)
-        if let Some(bias) = &self.in_proj_bias {
-            let b_v = bias.f_narrow(0, 2 * d, d)?.f_view([1, h, hd])?;
-            let total = key_weights.f_sum_dim_intlist(-1, true, None::<Kind>)?; // (N, H, 1)
-            heads = heads.f_add(&total.f_mul(&b_v)?)?;
+        let derived = self.derived()?;
+        let mut heads = pooled.f_bmm(&derived.value_weights)?.f_transpose(0, 1)?; // (N, H, hd)
+        if let Some(b_v) = &derived.value_bias {
+            // Each head's weights sum to 1, unless a row is fully masked or dropout is active.
+            heads = match mask.is_some() || dropout > 0.0 {
+                true => {
+                    let total = key_weights.f_sum_dim_intlist(-1, true, None::<Kind>)?; // (N, H, 1)
+                    heads.f_add(&total.f_mul(b_v)?)?
+                }
+                false => heads.f_add(b_v)?,
+            };
         }
         Ok(Pooled { mixed: Some(heads.f_reshape([n, d])?), importance, mean })
     }
@@ -455,6 +488,50 @@ impl MultiheadAttention {
         })
     }
 
+    /// The tensors derived from the input projection: cached between calls without autograd
+    /// (until a weight changes), computed afresh while autograd records.
+    fn derived(&self) -> Result<Derived> {
+        let weights = [Some(&self.in_proj_weight), self.in_proj_bias.as_ref()];
+        let key: Vec<(usize, i64, Kind)> = weights
+            .into_iter()
+            .flatten()
+            .map(|t| Ok((t.data_ptr() as usize, t.f_internal_version()?, t.kind())))
+            .collect::<Result<_>>()?;
+        let recording = mixer::grad_mode();
+        let mut cache = self.derived.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !recording {
+            if let Some(derived) = cache.as_ref().filter(|derived| derived.key == key) {
+                return Ok(derived.shallow_clone());
+            }
+        }
+        let d = self.embed_dim;
+        let (h, hd) = (self.n_heads, d / self.n_heads);
+        let compute = || -> Result<Derived> {
+            let scale = 1.0 / (hd as f64).sqrt();
+            let key_vectors = self.cross_key_vectors(d)?.f_mul_scalar(scale)?.f_transpose(0, 1)?;
+            let w_v = self.in_proj_weight.f_narrow(0, 2 * d, d)?.f_view([h, hd, d])?;
+            let value_bias = match &self.in_proj_bias {
+                Some(bias) => Some(bias.f_narrow(0, 2 * d, d)?.f_view([1, h, hd])?),
+                None => None,
+            };
+            let value_weights = w_v.f_transpose(1, 2)?;
+            Ok(match recording {
+                true => Derived { key, key_vectors, value_weights, value_bias },
+                false => Derived {
+                    key,
+                    key_vectors: key_vectors.f_contiguous()?,
+                    value_weights: value_weights.f_contiguous()?,
+                    value_bias: value_bias.map(|b| b.f_contiguous()).transpose()?,
+                },
+            })
+        };
+        let derived = compute()?;
+        if !recording {
+            *cache = Some(derived.shallow_clone());
+        }
+        Ok(derived)
+    }
+
     /// Cross-attention's key projection folded with its constant query: `u_h = W_k,h^T q_h`
     /// with `q = W_q 1 + b_q`, `(H, D)`; then `q_h . k_h(x) = u_h . x + const_h`.
     fn cross_key_vectors(&self, d: i64) -> Result<Tensor> {
@@ -492,8 +569,7 @@ impl MultiheadAttention {
         let scale = 1.0 / (hd as f64).sqrt();
         let (scores, mask_shape) = match pooling {
             Pooling::Cross => {
-                let u = self.cross_key_vectors(d)?.f_mul_scalar(scale)?;
-                let scores = inp.f_matmul(&u.f_transpose(0, 1)?)?; // (N, F, H)
+                let scores = inp.f_matmul(&self.derived()?.key_vectors)?; // (N, F, H)
                 (scores.f_transpose(1, 2)?, vec![n, 1, f])
             }
             Pooling::SelfMean => {

@@ -176,3 +176,41 @@ fn dropout_in_training_keeps_the_mix_unbiased() {
         assert!(max_diff(&mix.f_forward_t(&inp, None, true).unwrap(), &eval) > 1e-6, "no dropout");
     }
 }
+
+#[test]
+fn inference_cache_follows_weight_changes() {
+    // Inference caches tensors derived from the weights; every way of changing a weight
+    // (in-place edit, reset, strict load, a new dtype) must void them.
+    tch::manual_seed(9);
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    vs.set_kind(Kind::Double);
+    let config = AttentionConfig { n_heads: 2, ..Default::default() };
+    let mut mix = CrossAttentionMixer::new(&vs.root(), 6, config).unwrap();
+    let inp = Tensor::randn([4, 3, 6], (Kind::Double, Device::Cpu));
+    let inference = |mix: &CrossAttentionMixer, inp: &Tensor| {
+        tch::no_grad(|| mix.f_forward_and_importance_t(inp, None, false)).unwrap()
+    };
+    let check = |mix: &CrossAttentionMixer, inp: &Tensor| {
+        let (out, importance) = inference(mix, inp);
+        let (expected_out, expected_importance) =
+            mix.f_forward_and_importance_t(inp, None, false).unwrap();
+        let tolerance = if out.kind() == Kind::Double { 1e-12 } else { 1e-5 };
+        assert!(max_diff(&out, &expected_out) < tolerance, "stale output");
+        assert!(max_diff(&importance, &expected_importance) < tolerance, "stale importance");
+        out
+    };
+    let before = check(&mix, &inp);
+    let w = mix.attention().in_proj_weight.shallow_clone();
+    let _ = tch::no_grad(|| w.shallow_clone().g_mul_scalar_(1.5));
+    assert!(max_diff(&check(&mix, &inp), &before) > 1e-6, "edit had no effect");
+    mix.reset_parameters().unwrap();
+    let reset = check(&mix, &inp);
+    let state = tch_mix::StateDict::new(
+        mix.variables().into_iter().map(|(k, t)| (k.to_string(), t.copy() * 0.5)).collect(),
+    );
+    mix.load_state(&state).unwrap();
+    assert!(max_diff(&check(&mix, &inp), &reset) > 1e-6, "load had no effect");
+    vs.float();
+    let out = check(&mix, &inp.to_kind(Kind::Float));
+    assert_eq!(out.kind(), Kind::Float);
+}
