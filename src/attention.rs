@@ -50,9 +50,9 @@ pub struct MultiheadAttention {
 #[derive(Debug)]
 struct Derived {
     key: Vec<(usize, i64, Kind)>,
-    /// Cross-attention's folded key vectors, scaled, transposed: `(D, H)`.
+    /// Cross-attention's folded key vectors, scaled: `(H, D)`.
     key_vectors: Tensor,
-    /// The value projection per head, transposed: `(H, D, hd)`.
+    /// The value projection per head: `(H, hd, D)`.
     value_weights: Tensor,
     /// The value bias per head: `(1, H, hd)`.
     value_bias: Option<Tensor>,
@@ -430,7 +430,8 @@ impl MultiheadAttention {
             None => (key_weights.f_matmul(inp)?.f_transpose(0, 1)?, None), // (H, N, D)
         };
         let derived = self.derived()?;
-        let mut heads = pooled.f_bmm(&derived.value_weights)?.f_transpose(0, 1)?; // (N, H, hd)
+        let w_v_t = derived.value_weights.f_transpose(1, 2)?;
+        let mut heads = pooled.f_bmm(&w_v_t)?.f_transpose(0, 1)?; // (N, H, hd)
         if let Some(b_v) = &derived.value_bias {
             // Each head's weights sum to 1, unless a row is fully masked or dropout is active.
             heads = match mask.is_some() || dropout > 0.0 {
@@ -508,13 +509,13 @@ impl MultiheadAttention {
         let (h, hd) = (self.n_heads, d / self.n_heads);
         let compute = || -> Result<Derived> {
             let scale = 1.0 / (hd as f64).sqrt();
-            let key_vectors = self.cross_key_vectors(d)?.f_mul_scalar(scale)?.f_transpose(0, 1)?;
+            let key_vectors = self.cross_key_vectors(d)?.f_mul_scalar(scale)?;
             let w_v = self.in_proj_weight.f_narrow(0, 2 * d, d)?.f_view([h, hd, d])?;
             let value_bias = match &self.in_proj_bias {
                 Some(bias) => Some(bias.f_narrow(0, 2 * d, d)?.f_view([1, h, hd])?),
                 None => None,
             };
-            let value_weights = w_v.f_transpose(1, 2)?;
+            let value_weights = w_v;
             Ok(match recording {
                 true => Derived { key, key_vectors, value_weights, value_bias },
                 false => Derived {
@@ -569,7 +570,8 @@ impl MultiheadAttention {
         let scale = 1.0 / (hd as f64).sqrt();
         let (scores, mask_shape) = match pooling {
             Pooling::Cross => {
-                let scores = inp.f_matmul(&self.derived()?.key_vectors)?; // (N, F, H)
+                // (N, F, H); a transposed view of `(H, D)`, the layout MKL takes fastest.
+                let scores = inp.f_matmul(&self.derived()?.key_vectors.f_transpose(0, 1)?)?;
                 (scores.f_transpose(1, 2)?, vec![n, 1, f])
             }
             Pooling::SelfMean => {
