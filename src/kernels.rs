@@ -231,6 +231,9 @@ impl Element for f64 {
 
 /// The elements of a contiguous CPU tensor of element type `T`.
 fn slice<T: Element>(t: &Tensor) -> &[T] {
+    if t.numel() == 0 {
+        return &[]; // an empty tensor may have no storage at all (a null data pointer)
+    }
     // SAFETY: callers pass contiguous CPU tensors whose kind matches `T` (checked by `applies`
     // and `dispatch!`); the slice borrows the tensor, which keeps the storage alive.
     unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, t.numel()) }

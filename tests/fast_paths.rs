@@ -214,3 +214,22 @@ fn inference_cache_follows_weight_changes() {
     let out = check(&mix, &inp.to_kind(Kind::Float));
     assert_eq!(out.kind(), Kind::Float);
 }
+
+#[test]
+fn inference_handles_empty_batches_and_single_instances() {
+    for kind in [Kind::Float, Kind::Double] {
+        let (_vs, mixers) = mixers(kind, 3, 8, true);
+        for shape in [vec![0, 3, 8], vec![2, 0, 3, 8], vec![3, 8], vec![1, 1, 3, 8]] {
+            let inp = Tensor::randn(shape.as_slice(), (kind, Device::Cpu));
+            for mix in &mixers {
+                let (out, importance) =
+                    tch::no_grad(|| mix.f_forward_and_importance_t(&inp, None, false)).unwrap();
+                let (expected_out, expected_importance) =
+                    mix.f_forward_and_importance_t(&inp, None, false).unwrap();
+                assert_eq!(out.size(), expected_out.size(), "{mix:?} {shape:?}");
+                assert!(max_diff(&out, &expected_out) < 1e-5, "{mix:?} {shape:?}");
+                assert!(max_diff(&importance, &expected_importance) < 1e-5, "{mix:?} {shape:?}");
+            }
+        }
+    }
+}
