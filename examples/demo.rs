@@ -30,13 +30,7 @@ fn demo(dir: &std::path::Path, name: &str) -> Result<bool> {
     // The reference: the batch and swak's output on it, with the mixer's hyper-parameters.
     let fixture = Fixture::read(dir.join(format!("{name}.fixture.safetensors")))?;
     let vs = nn::VarStore::new(Device::Cpu);
-    let mixer = match fixture.build(&(vs.root() / "mix")) {
-        Ok(mixer) => mixer,
-        Err(err) => {
-            println!("== {name}: skipped ({err})\n");
-            return Ok(true);
-        }
-    };
+    let mixer = fixture.build(&(vs.root() / "mix"))?;
     // The weights as PyTorch saved them: torch.save(model.state_dict()), the mixer under `mix`.
     let weights = dir.join(format!("{name}.pt"));
     let state = StateDict::from_file(&weights)?;
@@ -45,9 +39,8 @@ fn demo(dir: &std::path::Path, name: &str) -> Result<bool> {
         .with_context(|| format!("loading {}", weights.display()))?;
 
     let batch = fixture.tensor("input")?;
-    let (mixed, importance) = tch::no_grad(|| -> Result<_> {
-        Ok((mixer.f_forward_t(batch, None, false)?, mixer.f_importance(batch, None)?))
-    })?;
+    let (mixed, importance) =
+        tch::no_grad(|| mixer.f_forward_and_importance_t(batch, None, false))?;
     println!(
         "== {name} ({:?} -> {:?}), weights from {}",
         batch.size(),

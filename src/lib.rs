@@ -24,8 +24,8 @@
 //! // Weights of a PyTorch model whose mixer attribute is `mix`, saved with torch.save.
 //! mix.load_state(&StateDict::from_file("model.pt")?.sub("mix"))?;
 //! let inp = Tensor::randn([32, 4, 16], (Kind::Float, Device::Cpu));
-//! let mixed = tch::no_grad(|| mix.f_forward_t(&inp, None, false))?; // (32, 16)
-//! let importance = tch::no_grad(|| mix.f_importance(&inp, None))?; // (32, 4)
+//! // (32, 16) and (32, 4): the mixed features and each feature's importance, in one call.
+//! let (mixed, importance) = tch::no_grad(|| mix.f_forward_and_importance_t(&inp, None, false))?;
 //! # Ok::<(), tch_mix::MixError>(())
 //! ```
 
