@@ -26,8 +26,8 @@ pub(crate) fn applies(tensors: &[&Tensor]) -> bool {
         && tensors.iter().all(|t| t.device() == Device::Cpu && t.kind() == kind)
 }
 
-/// Weighted sums of stacked features: `out[k, n, :] = sum_f (w[n, k, f] + shift) x[n, f, :]`, plus, with
-/// `mean`, one more row `out[K, n, :] = mean_f x[n, f, :]` (swak's skip term).
+/// Weighted sums of stacked features: `out[k, n, :] = sum_f (w[n, k, f] + shift) x[n, f, :]`,
+/// plus, with `mean`, one more row `out[K, n, :] = mean_f x[n, f, :]` (swak's skip term).
 ///
 /// `weights`: `(N, K, F)`, or `(K, F)` shared by all instances; `x`: `(N, F, D)`. Returns
 /// `(K + mean, N, D)`, head-major for per-head projections; `None` where [`applies`] is false.
