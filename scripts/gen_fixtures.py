@@ -3,7 +3,7 @@
 
 Writes one ``tch-mix-fixture/1`` file per case into the output folder (default: tests/fixtures).
 The grid covers every mixer flag, 2-D/3-D/4-D inputs, 0, 1 and several features, no/bool/float
-masks (fully masked rows too), 1-3 heads, and float64/float32/bfloat16, each with a gradient block. Deterministic for a given seed.
+masks (fully masked rows too), 1-3 heads, and float64/float32/bfloat16/float16, each with a gradient block. Deterministic for a given seed.
 
     gen_fixtures.py [--out DIR] [--seed N]
 """
@@ -18,7 +18,7 @@ from swak.pt.mix import CrossAttentionMixer, GlobalWeightsMixer, InstanceWeights
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from export_fixture import export_fixture  # noqa: E402
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MOD_DIM = 6
 LEADING = {"2d": (), "3d": (4,), "4d": (2, 3)}
 

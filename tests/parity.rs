@@ -44,7 +44,7 @@ fn fixtures_cover_every_mixer_dtype_and_gradients() {
         ));
     }
     for mixer in ["global", "instance", "cross", "self"] {
-        for dtype in ["float64", "float32", "bfloat16"] {
+        for dtype in ["float64", "float32", "bfloat16", "float16"] {
             assert!(
                 seen.contains(&(mixer.to_string(), dtype.to_string())),
                 "no {mixer} {dtype} fixture"
