@@ -698,8 +698,7 @@ impl AttentionCore {
 
     /// Validates `inp` and `mask`; `None` for an input without features, else the flattened batch.
     pub(crate) fn batch(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Option<Batch>> {
-        mixer::check_input(inp, self.mod_dim, None, self.kind(), self.device())?;
-        mixer::check_mask(mask, inp)?;
+        mixer::check_input(inp, mask, self.mod_dim, None, self.kind(), self.device())?;
         let shape = inp.size();
         let (features, leading) = (shape[shape.len() - 2], shape[..shape.len() - 2].to_vec());
         if features == 0 {

@@ -94,8 +94,14 @@ impl GlobalWeightsMixer {
     }
 
     fn check(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<()> {
-        mixer::check_input(inp, self.mod_dim, Some(self.n_features), self.kind(), self.device())?;
-        mixer::check_mask(mask, inp)
+        mixer::check_input(
+            inp,
+            mask,
+            self.mod_dim,
+            Some(self.n_features),
+            self.kind(),
+            self.device(),
+        )
     }
 
     /// The importance, swak's softmax after the broadcast (in half precision while autograd

@@ -110,8 +110,14 @@ impl InstanceWeightsMixer {
     }
 
     fn check(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<()> {
-        mixer::check_input(inp, self.mod_dim, Some(self.n_features), self.kind(), self.device())?;
-        mixer::check_mask(mask, inp)
+        mixer::check_input(
+            inp,
+            mask,
+            self.mod_dim,
+            Some(self.n_features),
+            self.kind(),
+            self.device(),
+        )
     }
 
     /// Inference on the CPU in one pass over the input (see `kernels::instance`): the mixed

@@ -105,10 +105,12 @@ pub(crate) fn check_size(name: &str, value: i64, min: i64) -> Result<()> {
     }
 }
 
-/// Checks that `inp` is a `(..., n_features, mod_dim)` tensor of the mixer's dtype and device.
+/// Checks that `inp` is a `(..., n_features, mod_dim)` tensor of the mixer's dtype and device,
+/// and that `mask` fits it (see [`check_mask`]): the one validation at the start of every call.
 /// `n_features` is `None` for the attention mixers, which take any number of features.
 pub(crate) fn check_input(
     inp: &Tensor,
+    mask: Option<&Tensor>,
     mod_dim: i64,
     n_features: Option<i64>,
     kind: Kind,
@@ -133,12 +135,12 @@ pub(crate) fn check_input(
     if inp.device() != device {
         return Err(MixError::Device { what: "input", expected: device, got: inp.device() });
     }
-    Ok(())
+    check_mask(mask, inp)
 }
 
 /// Checks that a padding mask is bool or floating point, on the input's device, and shaped like
 /// the input without its last dimension.
-pub(crate) fn check_mask(mask: Option<&Tensor>, inp: &Tensor) -> Result<()> {
+fn check_mask(mask: Option<&Tensor>, inp: &Tensor) -> Result<()> {
     let Some(mask) = mask else { return Ok(()) };
     let shape = inp.size();
     let expected = &shape[..shape.len() - 1];
