@@ -300,9 +300,13 @@ impl MultiheadAttention {
     /// Equal to [`MultiheadAttention::output`] (averaged over queries) and
     /// [`MultiheadAttention::weights`] up to rounding; the tests hold it to them.
     ///
+    /// With `skip`, the mixed vectors include the mean of the inputs over the features (the
+    /// mixers' residual term), added where it is cheapest.
+    ///
     /// # Shapes
     /// `inp`: `(N, F, D)`, `mask`: additive `(N, F)`; returns the mixed `(N, D)` (if `output`)
     /// and the importance `(N, F)` (if `importance`).
+    #[allow(clippy::too_many_arguments)]
     pub fn pool(
         &self,
         pooling: Pooling,
@@ -311,6 +315,7 @@ impl MultiheadAttention {
         dropout: f64,
         output: bool,
         importance: bool,
+        skip: bool,
     ) -> Result<Pooled> {
         let kind = inp.kind();
         let (n, f, d) = inp.size3()?;
@@ -324,7 +329,8 @@ impl MultiheadAttention {
                     Some(mask) => Some(mask.f_narrow(0, index as i64 * chunk, part.size()[0])?),
                     None => None,
                 };
-                parts.push(self.pool(pooling, part, mask.as_ref(), dropout, output, importance)?);
+                let mask = mask.as_ref();
+                parts.push(self.pool(pooling, part, mask, dropout, output, importance, skip)?);
             }
             let cat = |pick: fn(&Pooled) -> Option<&Tensor>| -> Result<Option<Tensor>> {
                 let tensors: Option<Vec<&Tensor>> = parts.iter().map(pick).collect();
@@ -336,12 +342,11 @@ impl MultiheadAttention {
             return Ok(Pooled {
                 mixed: cat(|p| p.mixed.as_ref())?,
                 importance: cat(|p| p.importance.as_ref())?,
-                mean: cat(|p| p.mean.as_ref())?,
             });
         }
         if !mixer::is_half(kind) {
-            let pooled = self.pool_heads(pooling, inp, mask, dropout, output, importance)?;
-            return self.project_out(pooled);
+            let heads = self.pool_heads(pooling, inp, mask, dropout, output, importance)?;
+            return self.project_out(heads, inp, skip);
         }
         // Half precision pools in f32, then rounds the heads' output to half precision for the
         // output projection, where PyTorch rounds its attention output: the reordered sums
@@ -357,29 +362,43 @@ impl MultiheadAttention {
             n_heads: self.n_heads,
         };
         let mask = mask.map(up).transpose()?;
-        let pooled =
+        let heads =
             wide.pool_heads(pooling, &up(inp)?, mask.as_ref(), dropout, output, importance)?;
         let down = |t: Option<Tensor>| t.map(|t| t.f_to_kind(kind)).transpose();
-        self.project_out(Pooled {
-            mixed: down(pooled.mixed)?,
-            importance: down(pooled.importance)?,
-            mean: down(pooled.mean)?,
-        })
-    }
-
-    /// Applies the output projection to the heads' output in `pooled.mixed`.
-    fn project_out(&self, pooled: Pooled) -> Result<Pooled> {
-        let mixed = match pooled.mixed {
-            Some(heads) => {
-                Some(heads.f_linear(&self.out_proj_weight, self.out_proj_bias.as_ref())?)
-            }
-            None => None,
+        let heads = Heads {
+            heads: down(heads.heads)?,
+            importance: down(heads.importance)?,
+            mean: down(heads.mean)?,
         };
-        Ok(Pooled { mixed, ..pooled })
+        self.project_out(heads, inp, skip)
     }
 
-    /// [`MultiheadAttention::pool`] up to the output projection: `mixed` holds the heads'
-    /// concatenated output `(N, D)`.
+    /// Applies the output projection to the heads' output, and adds the mean of `inp` over the
+    /// features with `skip`: inside the projection's GEMM where the kernels pooled it already.
+    fn project_out(&self, heads: Heads, inp: &Tensor, skip: bool) -> Result<Pooled> {
+        let Heads { heads, importance, mean } = heads;
+        let Some(heads) = heads else {
+            return Ok(Pooled { mixed: None, importance });
+        };
+        let (w_o, b_o) = (&self.out_proj_weight, self.out_proj_bias.as_ref());
+        let mixed = match (skip, mean) {
+            (true, Some(mean)) => {
+                // Inference only (the kernels ran): `mean + heads W_o^T` in one GEMM.
+                let mut mixed = mean.f_addmm(&heads, &w_o.f_transpose(0, 1)?)?;
+                match b_o {
+                    Some(b_o) => mixed.f_add_(b_o)?,
+                    None => mixed,
+                }
+            }
+            (true, None) => {
+                heads.f_linear(w_o, b_o)?.f_add(&inp.f_mean_dim(-2, false, None::<Kind>)?)?
+            }
+            (false, _) => heads.f_linear(w_o, b_o)?,
+        };
+        Ok(Pooled { mixed: Some(mixed), importance })
+    }
+
+    /// [`MultiheadAttention::pool`] up to the output projection.
     fn pool_heads(
         &self,
         pooling: Pooling,
@@ -388,7 +407,7 @@ impl MultiheadAttention {
         dropout: f64,
         output: bool,
         importance: bool,
-    ) -> Result<Pooled> {
+    ) -> Result<Heads> {
         let (n, _, d) = inp.size3()?;
         let h = self.n_heads;
         let average_heads = |w: &Tensor| -> Result<Option<Tensor>> {
@@ -423,26 +442,50 @@ impl MultiheadAttention {
                 }
             };
         if !output {
-            return Ok(Pooled { mixed: None, importance, mean: None });
+            return Ok(Heads { heads: None, importance, mean: None });
         }
-        let (pooled, mean) = match pooled {
-            Some(pooled) => (pooled.f_narrow(0, 0, h)?, Some(pooled.f_get(h)?)),
-            None => (key_weights.f_matmul(inp)?.f_transpose(0, 1)?, None), // (H, N, D)
-        };
         let derived = self.derived()?;
-        let w_v_t = derived.value_weights.f_transpose(1, 2)?;
-        let mut heads = pooled.f_bmm(&w_v_t)?.f_transpose(0, 1)?; // (N, H, hd)
-        if let Some(b_v) = &derived.value_bias {
-            // Each head's weights sum to 1, unless a row is fully masked or dropout is active.
-            heads = match mask.is_some() || dropout > 0.0 {
-                true => {
-                    let total = key_weights.f_sum_dim_intlist(-1, true, None::<Kind>)?; // (N, H, 1)
-                    heads.f_add(&total.f_mul(b_v)?)?
+        // Each head's weights sum to 1, unless a row is fully masked or dropout is active.
+        let weights_sum_to_one = mask.is_none() && dropout == 0.0;
+        let (heads, mean) = match pooled {
+            Some(pooled) => {
+                // Inference (the kernels ran): each head's projection is one GEMM writing its
+                // columns of the output in place, its bias added by the GEMM.
+                let heads = Tensor::f_empty([n, d], (inp.kind(), inp.device()))?;
+                let hd = d / h;
+                for head in 0..h {
+                    let out = heads.f_narrow(1, head * hd, hd)?;
+                    let (x, w) = (pooled.f_get(head)?, derived.value_weights.f_get(head)?);
+                    let _ = match (&derived.value_bias, weights_sum_to_one) {
+                        (Some(b_v), true) => b_v.f_view([h, hd])?.f_get(head)?.f_addmm_out(
+                            &out,
+                            &x,
+                            &w.f_transpose(0, 1)?,
+                        )?,
+                        _ => x.f_mm_out(&out, &w.f_transpose(0, 1)?)?,
+                    };
                 }
-                false => heads.f_add(b_v)?,
-            };
-        }
-        Ok(Pooled { mixed: Some(heads.f_reshape([n, d])?), importance, mean })
+                (heads.f_view([n, h, hd])?, Some(pooled.f_get(h)?))
+            }
+            None => {
+                let pooled = key_weights.f_matmul(inp)?.f_transpose(0, 1)?; // (H, N, D)
+                let w_v_t = derived.value_weights.f_transpose(1, 2)?;
+                let heads = pooled.f_bmm(&w_v_t)?.f_transpose(0, 1)?; // (N, H, hd)
+                let heads = match (&derived.value_bias, weights_sum_to_one) {
+                    (Some(b_v), true) => heads.f_add(b_v)?,
+                    _ => heads,
+                };
+                (heads, None)
+            }
+        };
+        let heads = match (&derived.value_bias, weights_sum_to_one) {
+            (Some(b_v), false) => {
+                let total = key_weights.f_sum_dim_intlist(-1, true, None::<Kind>)?; // (N, H, 1)
+                heads.f_add(&total.f_mul(b_v)?)?
+            }
+            _ => heads,
+        };
+        Ok(Heads { heads: Some(heads.f_reshape([n, d])?), importance, mean })
     }
 
     /// The one-pass CPU kernels for inference: the per-key weights `(N, H, F)` and, if
@@ -465,14 +508,7 @@ impl MultiheadAttention {
         let (h, hd) = (self.n_heads, d / self.n_heads);
         let scale = 1.0 / (hd as f64).sqrt();
         Ok(match pooling {
-            Pooling::Cross => {
-                let weights = self.pooling_weights(pooling, inp, mask)?;
-                let pooled = match output {
-                    true => kernels::pool(&weights, inp, 0.0, true)?,
-                    false => None,
-                };
-                Some((weights, pooled))
-            }
+            Pooling::Cross => kernels::cross(inp, &self.derived()?.key_vectors, mask, output)?,
             Pooling::SelfMean => {
                 let qk = self.self_queries_keys(inp)?;
                 match kernels::self_weights(&qk, h, scale, mask)? {
@@ -604,9 +640,16 @@ pub struct Pooled {
     pub mixed: Option<Tensor>,
     /// The importance `(N, F)`: attention weights averaged over heads (and queries).
     pub importance: Option<Tensor>,
-    /// The mean of the inputs over the features `(N, D)`, where the pooling computed it anyway
-    /// (the mixers' skip term).
-    pub mean: Option<Tensor>,
+}
+
+/// [`MultiheadAttention::pool`] before the output projection.
+struct Heads {
+    /// The heads' concatenated output `(N, D)`.
+    heads: Option<Tensor>,
+    /// As [`Pooled::importance`].
+    importance: Option<Tensor>,
+    /// The mean of the inputs over the features `(N, D)`, where the kernels pooled it.
+    mean: Option<Tensor>,
 }
 
 /// How the attention mixers pool: which query attends, and how its results are combined.
@@ -738,7 +781,7 @@ impl AttentionCore {
             true => Some(mean_over_queries(self.attention.weights(query, inp, mask)?)?),
             false => None,
         };
-        Ok(Pooled { mixed, importance: weights, mean: None })
+        Ok(Pooled { mixed, importance: weights })
     }
 
     /// Runs one attention mixer: the mixed features `(..., mod_dim)` (or `(..., 1, mod_dim)` with
@@ -760,13 +803,17 @@ impl AttentionCore {
         };
         let AttentionConfig { dropout, skip, keep_dim, .. } = self.config;
         let p = if train { dropout } else { 0.0 };
-        let Pooled { mixed, importance: weights, mean } = match mixer::use_reference(self.kind()) {
+        // The pooling adds the skip term itself where no output dropout comes between.
+        let reference = mixer::use_reference(self.kind());
+        let skip_inside = skip && p == 0.0 && !reference;
+        let Pooled { mixed, importance: weights } = match reference {
             true => self.reference(pooling, &batch, p, output, importance)?,
             false => {
-                let mask = batch.mask.as_ref();
-                self.attention.pool(pooling, &batch.inp, mask, p, output, importance)?
+                let (inp, mask) = (&batch.inp, batch.mask.as_ref());
+                self.attention.pool(pooling, inp, mask, p, output, importance, skip_inside)?
             }
         };
+        let skip_after = skip && !skip_inside;
         let mixed = match mixed {
             Some(mixed) => {
                 let shape: Vec<i64> =
@@ -774,9 +821,9 @@ impl AttentionCore {
                 Some(mixer::finish(
                     mixed.f_reshape(shape)?,
                     inp,
-                    mean,
+                    None,
                     dropout,
-                    skip,
+                    skip_after,
                     keep_dim,
                     train,
                 )?)

@@ -50,6 +50,43 @@ pub(crate) fn pool(weights: &Tensor, x: &Tensor, shift: f64, mean: bool) -> Resu
     Ok(Some(out))
 }
 
+/// Cross-attention in one pass: `weights[n, h] = softmax_f(u[h] . x[n, f] + mask[n, f])` (all
+/// zero for a fully masked row) and, with `output`, the pooled inputs `pooled[h, n] = sum_f
+/// weights[n, h, f] x[n, f]` followed by their mean `pooled[H, n] = mean_f x[n, f]`.
+///
+/// `x`: `(N, F, D)`, `u`: the key vectors `(H, D)`, `mask`: additive `(N, F)`; returns the
+/// weights `(N, H, F)` and, with `output`, the pooled inputs `(H + 1, N, D)`.
+pub(crate) fn cross(
+    x: &Tensor,
+    u: &Tensor,
+    mask: Option<&Tensor>,
+    output: bool,
+) -> Result<Option<(Tensor, Option<Tensor>)>> {
+    let mut tensors = vec![x, u];
+    tensors.extend(mask);
+    if !applies(&tensors) {
+        return Ok(None);
+    }
+    let (n, f, d) = x.size3()?;
+    let heads = u.size()[0];
+    let options = (x.kind(), Device::Cpu);
+    let weights = Tensor::f_empty([n, heads, f], options)?;
+    let pooled = match output {
+        true => Some(Tensor::f_empty([heads + 1, n, d], options)?),
+        false => None,
+    };
+    let (x, u) = (x.f_contiguous()?, u.f_contiguous()?);
+    let mask = mask.map(Tensor::f_contiguous).transpose()?;
+    let shape = Shape { n: n as usize, f: f as usize, d: d as usize, k: heads as usize };
+    dispatch!(x.kind(), |T| {
+        let (x, u, m) = (slice::<T>(&x), slice::<T>(&u), mask.as_ref().map(slice::<T>));
+        let (weights, pooled) = (Out::<T>::new(&weights), pooled.as_ref().map(Out::<T>::new));
+        let job = CrossJob { shape, x, u, m, weights, pooled };
+        parallel(shape.n, |range| run!(cross_range, cross_range_wide, job, range));
+    });
+    Ok(Some((weights, pooled)))
+}
+
 /// InstanceWeightsMixer in one pass: `importance[n] = softmax(W x[n].flatten() + b)` and
 /// `mixed[n] = sum_f (importance[n, f] + fold) x[n, f]`, where `fold` is `1/F` (skip folded in)
 /// or 0. `x`: `(N, F, D)`, `weight`: `(F, F D)`, `bias`: `(F,)`; returns `((N, D), (N, F))`.
@@ -162,21 +199,96 @@ fn wide_simd() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
-/// Splits `0..n` over up to `tch::get_num_threads()` threads (scoped; the caller's thread
-/// takes the first part).
+/// Splits `0..n` over up to `tch::get_num_threads()` threads, the caller's thread taking the
+/// first part. The parts run on libtorch's own OpenMP workers where its runtime is present: a
+/// second set of threads would compete with them, since OpenMP workers spin for a while after
+/// every libtorch op before they sleep.
 fn parallel(n: usize, work: impl Fn(std::ops::Range<usize>) + Sync) {
     let threads = (tch::get_num_threads().max(1) as usize).min(n / MIN_INSTANCES_PER_THREAD).max(1);
     if threads == 1 {
         return work(0..n);
     }
     let per = n.div_ceil(threads);
+    let part = |t: usize| work((t * per).min(n)..((t + 1) * per).min(n));
+    if openmp::run(threads, &part) {
+        return;
+    }
     std::thread::scope(|scope| {
         for t in 1..threads {
-            let work = &work;
-            scope.spawn(move || work(t * per..((t + 1) * per).min(n)));
+            let part = &part;
+            scope.spawn(move || part(t));
         }
-        work(0..per.min(n));
+        part(0);
     });
+}
+
+/// libtorch's OpenMP runtime (libgomp in PyTorch's Linux wheels, or a runtime that speaks its
+/// ABI), looked up in the running process.
+mod openmp {
+    use std::ffi::{c_char, c_uint, c_void};
+    use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Mutex, OnceLock};
+
+    type Parallel =
+        unsafe extern "C" fn(unsafe extern "C" fn(*mut c_void), *mut c_void, c_uint, c_uint);
+
+    extern "C" {
+        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+    }
+
+    /// `GOMP_parallel`, where it is loaded.
+    fn runtime() -> Option<Parallel> {
+        static RUNTIME: OnceLock<Option<Parallel>> = OnceLock::new();
+        *RUNTIME.get_or_init(|| {
+            // SAFETY: dlsym with RTLD_DEFAULT (null) only looks the symbol up; it has this
+            // signature in libgomp's ABI and stays loaded with libtorch for the process's life.
+            let symbol = unsafe { dlsym(std::ptr::null_mut(), c"GOMP_parallel".as_ptr()) };
+            (!symbol.is_null())
+                .then(|| unsafe { std::mem::transmute::<*mut c_void, Parallel>(symbol) })
+        })
+    }
+
+    /// What the members of a team share: the parts to run, the next part to take, and a panic.
+    struct Team<'a> {
+        part: &'a (dyn Fn(usize) + Sync),
+        parts: usize,
+        next: AtomicUsize,
+        panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    }
+
+    /// One OpenMP thread's share: parts taken in turn until none is left, so that a team of any
+    /// size (a nested region gets one thread) runs every part once.
+    unsafe extern "C" fn member(data: *mut c_void) {
+        // SAFETY: `data` is the `Team` that `run` keeps alive until every member has returned.
+        let team = unsafe { &*(data as *const Team<'_>) };
+        loop {
+            let t = team.next.fetch_add(1, Ordering::Relaxed);
+            if t >= team.parts {
+                return;
+            }
+            // A panic must not unwind into C: it is kept and resumed on the caller's thread.
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| (team.part)(t))) {
+                *team.panic.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(panic);
+            }
+        }
+    }
+
+    /// Runs `part(0)` .. `part(parts - 1)` on an OpenMP team of up to `parts` threads; false
+    /// (nothing run) where the process has no OpenMP runtime.
+    pub(super) fn run(parts: usize, part: &(dyn Fn(usize) + Sync)) -> bool {
+        let Some(parallel) = runtime() else {
+            return false;
+        };
+        let team = Team { part, parts, next: AtomicUsize::new(0), panic: Mutex::new(None) };
+        // SAFETY: `member` only reads `team` through shared references, and GOMP_parallel
+        // returns after every member of the team has finished.
+        unsafe { parallel(member, &team as *const Team<'_> as *mut c_void, parts as c_uint, 0) };
+        if let Some(panic) = team.panic.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            resume_unwind(panic);
+        }
+        true
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -317,14 +429,82 @@ fn softmax<T: Element>(scores: &mut [T]) {
     }
 }
 
-/// `out = sum_f weights[f] x[f]` for the stacked features `x` (`F x D`) of one instance: `out`
-/// stays in the L1 cache while the features stream past.
+/// Columns of the features one register-blocked step of [`weighted_rows`] covers.
+const SLAB: usize = 8;
+
+/// `out[at(r)..][..D] = sum_f weights[r F + f] x[f]` for the stacked features `x` (`F x D`) of
+/// one instance and `R` rows of weights (`R x F`): each slab of `x` is read once for four rows
+/// at a time, while their partial sums stay in registers.
 #[inline(always)]
-fn weighted_rows<T: Element>(out: &mut [T], weights: &[T], x: &[T], d: usize) {
-    out.iter_mut().for_each(|o| *o = T::ZERO);
-    for (&w, xr) in weights.iter().zip(x.chunks_exact(d)) {
-        axpy(out, w, xr);
+fn weighted_rows<T: Element>(
+    out: &Out<T>,
+    at: impl Fn(usize) -> usize,
+    weights: &[T],
+    x: &[T],
+    d: usize,
+) {
+    let f = x.len() / d.max(1);
+    let rows = weights.len() / f.max(1);
+    if rows == 1 {
+        // One row streams the features in order, which the prefetcher follows best.
+        let out = out.row(at(0), d);
+        out.iter_mut().for_each(|o| *o = T::ZERO);
+        for (&w, xr) in weights.iter().zip(x.chunks_exact(d)) {
+            axpy(out, w, xr);
+        }
+        return;
     }
+    let mut r = 0;
+    while r < rows {
+        let w = &weights[r * f..];
+        r += match rows - r {
+            1 => weighted_rows_n::<T, 1>(std::array::from_fn(|j| out.row(at(r + j), d)), w, x, d),
+            2 => weighted_rows_n::<T, 2>(std::array::from_fn(|j| out.row(at(r + j), d)), w, x, d),
+            3 => weighted_rows_n::<T, 3>(std::array::from_fn(|j| out.row(at(r + j), d)), w, x, d),
+            _ => weighted_rows_n::<T, 4>(std::array::from_fn(|j| out.row(at(r + j), d)), w, x, d),
+        };
+    }
+}
+
+/// `SLAB` elements of `x` from `start`, as an array (so that loops over it need no bounds checks).
+#[inline(always)]
+fn slab<T>(x: &[T], start: usize) -> &[T; SLAB] {
+    x[start..start + SLAB].try_into().expect("a slab of SLAB elements")
+}
+
+/// [`weighted_rows`] for `R` rows; returns `R`.
+#[inline(always)]
+fn weighted_rows_n<T: Element, const R: usize>(
+    outs: [&mut [T]; R],
+    weights: &[T],
+    x: &[T],
+    d: usize,
+) -> usize {
+    let f = x.len() / d;
+    let weights: [&[T]; R] = std::array::from_fn(|r| &weights[r * f..(r + 1) * f]);
+    let body = d / SLAB * SLAB;
+    for c in (0..body).step_by(SLAB) {
+        let mut acc = [[T::ZERO; SLAB]; R];
+        for (feature, row) in x.chunks_exact(d).enumerate() {
+            let xs = slab(row, c);
+            let ws: [T; R] = std::array::from_fn(|r| weights[r][feature]);
+            for (acc, w) in acc.iter_mut().zip(ws) {
+                for l in 0..SLAB {
+                    acc[l] += w * xs[l];
+                }
+            }
+        }
+        for r in 0..R {
+            outs[r][c..c + SLAB].copy_from_slice(&acc[r]);
+        }
+    }
+    for c in body..d {
+        for r in 0..R {
+            let column = x.chunks_exact(d).map(|row| row[c]);
+            outs[r][c] = weights[r].iter().zip(column).fold(T::ZERO, |s, (&w, x)| s + w * x);
+        }
+    }
+    R
 }
 
 struct PoolJob<'a, T> {
@@ -340,23 +520,55 @@ struct PoolJob<'a, T> {
 #[inline(always)]
 fn pool_range<T: Element>(job: &PoolJob<'_, T>, range: std::ops::Range<usize>) {
     let Shape { n, f, d, k } = job.shape;
-    let uniform = vec![T::from_f64(1.0 / f as f64); f];
-    let mut shifted = vec![T::ZERO; f];
+    let rows = k + usize::from(job.mean);
+    // The weights plus the shift, then the uniform weights of the mean.
+    let mut shifted = vec![T::from_f64(1.0 / f as f64); rows * f];
     for i in range {
         let x = &job.x[i * f * d..(i + 1) * f * d];
         let w = if job.shared { job.w } else { &job.w[i * k * f..(i + 1) * k * f] };
-        for row in 0..k {
-            for (s, &w) in shifted.iter_mut().zip(&w[row * f..(row + 1) * f]) {
-                *s = w + job.shift;
-            }
-            weighted_rows(job.out.row((row * n + i) * d, d), &shifted, x, d);
+        for (s, &w) in shifted.iter_mut().zip(w) {
+            *s = w + job.shift;
         }
-        if job.mean {
-            weighted_rows(job.out.row((k * n + i) * d, d), &uniform, x, d);
-        }
+        weighted_rows(&job.out, |row| (row * n + i) * d, &shifted, x, d);
     }
 }
 wide_build!(pool_range, pool_range_wide, PoolJob);
+
+struct CrossJob<'a, T> {
+    shape: Shape,
+    x: &'a [T],
+    u: &'a [T],
+    m: Option<&'a [T]>,
+    weights: Out<T>,
+    pooled: Option<Out<T>>,
+}
+
+#[inline(always)]
+fn cross_range<T: Element>(job: &CrossJob<'_, T>, range: std::ops::Range<usize>) {
+    let Shape { n, f, d, k: heads } = job.shape;
+    // Head-major weights, then the uniform weights of the mean.
+    let mut rows = vec![T::from_f64(1.0 / f as f64); (heads + 1) * f];
+    for i in range {
+        let x = &job.x[i * f * d..(i + 1) * f * d];
+        for (u, scores) in job.u.chunks_exact(d).zip(rows.chunks_exact_mut(f)) {
+            for (score, xf) in scores.iter_mut().zip(x.chunks_exact(d)) {
+                *score = dot(u, xf);
+            }
+        }
+        let weights = &mut rows[..heads * f];
+        for head in weights.chunks_exact_mut(f) {
+            if let Some(m) = job.m {
+                head.iter_mut().zip(&m[i * f..(i + 1) * f]).for_each(|(s, &m)| *s += m);
+            }
+            softmax(head);
+        }
+        job.weights.row(i * heads * f, heads * f).copy_from_slice(weights);
+        if let Some(out) = &job.pooled {
+            weighted_rows(out, |row| (row * n + i) * d, &rows, x, d);
+        }
+    }
+}
+wide_build!(cross_range, cross_range_wide, CrossJob);
 
 struct InstanceJob<'a, T> {
     shape: Shape,
@@ -382,7 +594,7 @@ fn instance_range<T: Element>(job: &InstanceJob<'_, T>, range: std::ops::Range<u
         softmax(&mut weights);
         job.importance.row(i * f, f).copy_from_slice(&weights);
         weights.iter_mut().for_each(|w| *w += fold);
-        weighted_rows(job.mixed.row(i * d, d), &weights, x, d);
+        weighted_rows(&job.mixed, |_| i * d, &weights, x, d);
     }
 }
 wide_build!(instance_range, instance_range_wide, InstanceJob);
