@@ -319,7 +319,12 @@ impl MultiheadAttention {
     ) -> Result<Pooled> {
         let kind = inp.kind();
         let (n, f, d) = inp.size3()?;
-        let chunk = (CHUNK_BYTES / (f * d * kind.elt_size_in_bytes() as i64).max(1)).max(1);
+        // Self-attention's chunks are bounded by its queries and keys, `(n, F, 2 D)`.
+        let row_bytes = match pooling {
+            Pooling::Cross => f * d,
+            Pooling::SelfMean => f * d * 8,
+        } * kind.elt_size_in_bytes() as i64;
+        let chunk = (CHUNK_BYTES / row_bytes.max(1)).max(1);
         if n > chunk && dropout == 0.0 && kernels::applies(&[inp, &self.in_proj_weight]) {
             // Large inference batches go in chunks that stay in the cache from the scores to
             // the pooling, and whose buffers the allocator reuses instead of mapping new pages.
