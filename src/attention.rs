@@ -319,7 +319,8 @@ impl MultiheadAttention {
     ) -> Result<Pooled> {
         let kind = inp.kind();
         let (n, f, d) = inp.size3()?;
-        // Self-attention's chunks are bounded by its queries and keys, `(n, F, 2 D)`.
+        // Self-attention's chunks keep its queries and keys, `(n, F, 2 D)`, at a quarter of
+        // the chunk bytes, so that they stay in the cache until the weights kernel reads them.
         let row_bytes = match pooling {
             Pooling::Cross => f * d,
             Pooling::SelfMean => f * d * 8,

@@ -172,24 +172,25 @@ macro_rules! run {
                 // SAFETY: the processor supports the features `$wide` is compiled for.
                 unsafe { $wide(&$job, $range) }
             } else {
-                $plain(&$job, $range)
+                $plain::<_, false>(&$job, $range)
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            $plain(&$job, $range)
+            $plain::<_, { cfg!(target_feature = "fma") }>(&$job, $range)
         }
     }};
 }
 use run;
 
-/// Defines `$wide`, the AVX2 + FMA build of the kernel `$plain` (inlined into it).
+/// Defines `$wide`, the AVX2 + FMA build of the kernel `$plain` (inlined into it), with fused
+/// multiply-adds.
 macro_rules! wide_build {
     ($plain:ident, $wide:ident, $job:ident) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         unsafe fn $wide<T: Element>(job: &$job<'_, T>, range: std::ops::Range<usize>) {
-            $plain(job, range)
+            $plain::<T, true>(job, range)
         }
     };
 }
@@ -317,6 +318,8 @@ trait Element:
     const NEG_INFINITY: Self;
     fn from_f64(value: f64) -> Self;
     fn exp(self) -> Self;
+    /// `self * a + b`, rounded once.
+    fn mul_add(self, a: Self, b: Self) -> Self;
 }
 
 impl Element for f32 {
@@ -328,6 +331,9 @@ impl Element for f32 {
     fn exp(self) -> Self {
         f32::exp(self)
     }
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f32::mul_add(self, a, b)
+    }
 }
 
 impl Element for f64 {
@@ -338,6 +344,9 @@ impl Element for f64 {
     }
     fn exp(self) -> Self {
         f64::exp(self)
+    }
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f64::mul_add(self, a, b)
     }
 }
 
@@ -381,16 +390,16 @@ impl<T: Element> Out<T> {
 /// `sum_i a[i] b[i]`, in four independent 8-lane partial sums, small enough for the compiler to
 /// keep in vector registers.
 #[inline(always)]
-fn dot<T: Element>(a: &[T], b: &[T]) -> T {
+fn dot<T: Element, const FMA: bool>(a: &[T], b: &[T]) -> T {
     let (mut s0, mut s1, mut s2, mut s3) = ([T::ZERO; 8], [T::ZERO; 8], [T::ZERO; 8], [T::ZERO; 8]);
     let (a_body, b_body) = (a.chunks_exact(32), b.chunks_exact(32));
     let (a_tail, b_tail) = (a_body.remainder(), b_body.remainder());
     for (a, b) in a_body.zip(b_body) {
         for l in 0..8 {
-            s0[l] += a[l] * b[l];
-            s1[l] += a[8 + l] * b[8 + l];
-            s2[l] += a[16 + l] * b[16 + l];
-            s3[l] += a[24 + l] * b[24 + l];
+            s0[l] = madd::<T, FMA>(s0[l], a[l], b[l]);
+            s1[l] = madd::<T, FMA>(s1[l], a[8 + l], b[8 + l]);
+            s2[l] = madd::<T, FMA>(s2[l], a[16 + l], b[16 + l]);
+            s3[l] = madd::<T, FMA>(s3[l], a[24 + l], b[24 + l]);
         }
     }
     let mut sum = T::ZERO;
@@ -403,11 +412,22 @@ fn dot<T: Element>(a: &[T], b: &[T]) -> T {
     sum
 }
 
+/// `acc + a b`: one fused multiply-add where `FMA` (the builds for processors that have it),
+/// else a product and a sum.
+#[inline(always)]
+fn madd<T: Element, const FMA: bool>(acc: T, a: T, b: T) -> T {
+    if FMA {
+        a.mul_add(b, acc)
+    } else {
+        acc + a * b
+    }
+}
+
 /// `o += a * x`.
 #[inline(always)]
-fn axpy<T: Element>(o: &mut [T], a: T, x: &[T]) {
+fn axpy<T: Element, const FMA: bool>(o: &mut [T], a: T, x: &[T]) {
     for (o, &x) in o.iter_mut().zip(x) {
-        *o += a * x;
+        *o = madd::<T, FMA>(*o, a, x);
     }
 }
 
@@ -436,7 +456,7 @@ const SLAB: usize = 8;
 /// one instance and `R` rows of weights (`R x F`): each slab of `x` is read once for four rows
 /// at a time, while their partial sums stay in registers.
 #[inline(always)]
-fn weighted_rows<T: Element>(
+fn weighted_rows<T: Element, const FMA: bool>(
     out: &Out<T>,
     at: impl Fn(usize) -> usize,
     weights: &[T],
@@ -450,7 +470,7 @@ fn weighted_rows<T: Element>(
         let out = out.row(at(0), d);
         out.iter_mut().for_each(|o| *o = T::ZERO);
         for (&w, xr) in weights.iter().zip(x.chunks_exact(d)) {
-            axpy(out, w, xr);
+            axpy::<T, FMA>(out, w, xr);
         }
         return;
     }
@@ -458,10 +478,30 @@ fn weighted_rows<T: Element>(
     while r < rows {
         let w = &weights[r * f..];
         r += match rows - r {
-            1 => weighted_rows_n::<T, 1>(std::array::from_fn(|j| out.row(at(r + j), d)), w, x, d),
-            2 => weighted_rows_n::<T, 2>(std::array::from_fn(|j| out.row(at(r + j), d)), w, x, d),
-            3 => weighted_rows_n::<T, 3>(std::array::from_fn(|j| out.row(at(r + j), d)), w, x, d),
-            _ => weighted_rows_n::<T, 4>(std::array::from_fn(|j| out.row(at(r + j), d)), w, x, d),
+            1 => weighted_rows_n::<T, FMA, 1>(
+                std::array::from_fn(|j| out.row(at(r + j), d)),
+                w,
+                x,
+                d,
+            ),
+            2 => weighted_rows_n::<T, FMA, 2>(
+                std::array::from_fn(|j| out.row(at(r + j), d)),
+                w,
+                x,
+                d,
+            ),
+            3 => weighted_rows_n::<T, FMA, 3>(
+                std::array::from_fn(|j| out.row(at(r + j), d)),
+                w,
+                x,
+                d,
+            ),
+            _ => weighted_rows_n::<T, FMA, 4>(
+                std::array::from_fn(|j| out.row(at(r + j), d)),
+                w,
+                x,
+                d,
+            ),
         };
     }
 }
@@ -474,7 +514,7 @@ fn slab<T>(x: &[T], start: usize) -> &[T; SLAB] {
 
 /// [`weighted_rows`] for `R` rows; returns `R`.
 #[inline(always)]
-fn weighted_rows_n<T: Element, const R: usize>(
+fn weighted_rows_n<T: Element, const FMA: bool, const R: usize>(
     outs: [&mut [T]; R],
     weights: &[T],
     x: &[T],
@@ -490,7 +530,7 @@ fn weighted_rows_n<T: Element, const R: usize>(
             let ws: [T; R] = std::array::from_fn(|r| weights[r][feature]);
             for (acc, w) in acc.iter_mut().zip(ws) {
                 for l in 0..SLAB {
-                    acc[l] += w * xs[l];
+                    acc[l] = madd::<T, FMA>(acc[l], w, xs[l]);
                 }
             }
         }
@@ -501,7 +541,8 @@ fn weighted_rows_n<T: Element, const R: usize>(
     for c in body..d {
         for r in 0..R {
             let column = x.chunks_exact(d).map(|row| row[c]);
-            outs[r][c] = weights[r].iter().zip(column).fold(T::ZERO, |s, (&w, x)| s + w * x);
+            outs[r][c] =
+                weights[r].iter().zip(column).fold(T::ZERO, |s, (&w, x)| madd::<T, FMA>(s, w, x));
         }
     }
     R
@@ -518,7 +559,7 @@ struct PoolJob<'a, T> {
 }
 
 #[inline(always)]
-fn pool_range<T: Element>(job: &PoolJob<'_, T>, range: std::ops::Range<usize>) {
+fn pool_range<T: Element, const FMA: bool>(job: &PoolJob<'_, T>, range: std::ops::Range<usize>) {
     let Shape { n, f, d, k } = job.shape;
     let rows = k + usize::from(job.mean);
     // The weights plus the shift, then the uniform weights of the mean.
@@ -529,7 +570,7 @@ fn pool_range<T: Element>(job: &PoolJob<'_, T>, range: std::ops::Range<usize>) {
         for (s, &w) in shifted.iter_mut().zip(w) {
             *s = w + job.shift;
         }
-        weighted_rows(&job.out, |row| (row * n + i) * d, &shifted, x, d);
+        weighted_rows::<T, FMA>(&job.out, |row| (row * n + i) * d, &shifted, x, d);
     }
 }
 wide_build!(pool_range, pool_range_wide, PoolJob);
@@ -544,7 +585,7 @@ struct CrossJob<'a, T> {
 }
 
 #[inline(always)]
-fn cross_range<T: Element>(job: &CrossJob<'_, T>, range: std::ops::Range<usize>) {
+fn cross_range<T: Element, const FMA: bool>(job: &CrossJob<'_, T>, range: std::ops::Range<usize>) {
     let Shape { n, f, d, k: heads } = job.shape;
     // Head-major weights, then the uniform weights of the mean.
     let mut rows = vec![T::from_f64(1.0 / f as f64); (heads + 1) * f];
@@ -552,7 +593,7 @@ fn cross_range<T: Element>(job: &CrossJob<'_, T>, range: std::ops::Range<usize>)
         let x = &job.x[i * f * d..(i + 1) * f * d];
         for (u, scores) in job.u.chunks_exact(d).zip(rows.chunks_exact_mut(f)) {
             for (score, xf) in scores.iter_mut().zip(x.chunks_exact(d)) {
-                *score = dot(u, xf);
+                *score = dot::<T, FMA>(u, xf);
             }
         }
         let weights = &mut rows[..heads * f];
@@ -564,7 +605,7 @@ fn cross_range<T: Element>(job: &CrossJob<'_, T>, range: std::ops::Range<usize>)
         }
         job.weights.row(i * heads * f, heads * f).copy_from_slice(weights);
         if let Some(out) = &job.pooled {
-            weighted_rows(out, |row| (row * n + i) * d, &rows, x, d);
+            weighted_rows::<T, FMA>(out, |row| (row * n + i) * d, &rows, x, d);
         }
     }
 }
@@ -581,7 +622,10 @@ struct InstanceJob<'a, T> {
 }
 
 #[inline(always)]
-fn instance_range<T: Element>(job: &InstanceJob<'_, T>, range: std::ops::Range<usize>) {
+fn instance_range<T: Element, const FMA: bool>(
+    job: &InstanceJob<'_, T>,
+    range: std::ops::Range<usize>,
+) {
     let Shape { f, d, .. } = job.shape;
     let fold = if job.fold { T::from_f64(1.0 / f as f64) } else { T::ZERO };
     let mut weights = vec![T::ZERO; f];
@@ -589,12 +633,12 @@ fn instance_range<T: Element>(job: &InstanceJob<'_, T>, range: std::ops::Range<u
         let x = &job.x[i * f * d..(i + 1) * f * d];
         for (g, score) in weights.iter_mut().enumerate() {
             let bias = job.b.map_or(T::ZERO, |b| b[g]);
-            *score = dot(&job.w[g * f * d..(g + 1) * f * d], x) + bias;
+            *score = dot::<T, FMA>(&job.w[g * f * d..(g + 1) * f * d], x) + bias;
         }
         softmax(&mut weights);
         job.importance.row(i * f, f).copy_from_slice(&weights);
         weights.iter_mut().for_each(|w| *w += fold);
-        weighted_rows(&job.mixed, |_| i * d, &weights, x, d);
+        weighted_rows::<T, FMA>(&job.mixed, |_| i * d, &weights, x, d);
     }
 }
 wide_build!(instance_range, instance_range_wide, InstanceJob);
@@ -608,7 +652,7 @@ struct SelfJob<'a, T> {
 }
 
 #[inline(always)]
-fn self_range<T: Element>(job: &SelfJob<'_, T>, range: std::ops::Range<usize>) {
+fn self_range<T: Element, const FMA: bool>(job: &SelfJob<'_, T>, range: std::ops::Range<usize>) {
     let Shape { f, d, k: heads, .. } = job.shape;
     let hd = d / heads;
     let inv = T::from_f64(1.0 / f as f64);
@@ -636,7 +680,7 @@ fn self_range<T: Element>(job: &SelfJob<'_, T>, range: std::ops::Range<usize>) {
                     for (&q, row) in q.iter().zip(keys.chunks_exact(padded)) {
                         let row = &row[block..block + 8];
                         for l in 0..8 {
-                            acc[l] += q * row[l];
+                            acc[l] = madd::<T, FMA>(acc[l], q, row[l]);
                         }
                     }
                     let width = (f - block).min(8);
@@ -646,7 +690,7 @@ fn self_range<T: Element>(job: &SelfJob<'_, T>, range: std::ops::Range<usize>) {
                     }
                 }
                 softmax(&mut scores);
-                axpy(mean, inv, &scores);
+                axpy::<T, FMA>(mean, inv, &scores);
             }
         }
     }
