@@ -329,14 +329,14 @@ impl MultiheadAttention {
         if n > chunk && dropout == 0.0 && kernels::applies(&[inp, &self.in_proj_weight]) {
             // Large inference batches go in chunks that stay in the cache from the scores to
             // the pooling, and whose buffers the allocator reuses instead of mapping new pages.
-            let mut parts = Vec::new();
+            let (mut parts, mut scratch) = (Vec::new(), kernels::Scratch::default());
             for (index, part) in inp.f_split(chunk, 0)?.iter().enumerate() {
                 let mask = match mask {
                     Some(mask) => Some(mask.f_narrow(0, index as i64 * chunk, part.size()[0])?),
                     None => None,
                 };
-                let mask = mask.as_ref();
-                parts.push(self.pool(pooling, part, mask, dropout, output, importance, skip)?);
+                let (mask, asked) = (mask.as_ref(), (output, importance, skip));
+                parts.push(self.pool_part(pooling, part, mask, dropout, asked, &mut scratch)?);
             }
             let cat = |pick: fn(&Pooled) -> Option<&Tensor>| -> Result<Option<Tensor>> {
                 let tensors: Option<Vec<&Tensor>> = parts.iter().map(pick).collect();
@@ -350,8 +350,24 @@ impl MultiheadAttention {
                 importance: cat(|p| p.importance.as_ref())?,
             });
         }
+        let asked = (output, importance, skip);
+        self.pool_part(pooling, inp, mask, dropout, asked, &mut Default::default())
+    }
+
+    /// [`MultiheadAttention::pool`] of one chunk, `asked` being `(output, importance, skip)`.
+    fn pool_part(
+        &self,
+        pooling: Pooling,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+        dropout: f64,
+        asked: (bool, bool, bool),
+        scratch: &mut kernels::Scratch,
+    ) -> Result<Pooled> {
+        let (kind, (output, importance, skip)) = (inp.kind(), asked);
         if !mixer::is_half(kind) {
-            let heads = self.pool_heads(pooling, inp, mask, dropout, output, importance)?;
+            let heads =
+                self.pool_heads(pooling, inp, mask, dropout, (output, importance), scratch)?;
             return self.project_out(heads, inp, skip);
         }
         // Half precision pools in f32, then rounds the heads' output to half precision for the
@@ -368,8 +384,9 @@ impl MultiheadAttention {
             n_heads: self.n_heads,
         };
         let mask = mask.map(up).transpose()?;
+        let (inp_f32, mask) = (up(inp)?, mask.as_ref());
         let heads =
-            wide.pool_heads(pooling, &up(inp)?, mask.as_ref(), dropout, output, importance)?;
+            wide.pool_heads(pooling, &inp_f32, mask, dropout, (output, importance), scratch)?;
         let down = |t: Option<Tensor>| t.map(|t| t.f_to_kind(kind)).transpose();
         let heads = Heads {
             heads: down(heads.heads)?,
@@ -411,8 +428,8 @@ impl MultiheadAttention {
         inp: &Tensor,
         mask: Option<&Tensor>,
         dropout: f64,
-        output: bool,
-        importance: bool,
+        (output, importance): (bool, bool),
+        scratch: &mut kernels::Scratch,
     ) -> Result<Heads> {
         let (n, _, d) = inp.size3()?;
         let h = self.n_heads;
@@ -426,7 +443,7 @@ impl MultiheadAttention {
         // self-attention averages its queries. Inference on the CPU takes the one-pass kernels,
         // which also pool the inputs (and their mean, the skip term) into `(H + 1, N, D)`.
         let (key_weights, pooled, importance) =
-            match self.pool_kernel(pooling, inp, mask, dropout, output)? {
+            match self.pool_kernel(pooling, inp, mask, dropout, output, scratch)? {
                 Some((key_weights, pooled)) => {
                     let importance = average_heads(&key_weights)?;
                     (key_weights, pooled, importance)
@@ -453,11 +470,15 @@ impl MultiheadAttention {
         let derived = self.derived()?;
         // Each head's weights sum to 1, unless a row is fully masked or dropout is active.
         let weights_sum_to_one = mask.is_none() && dropout == 0.0;
-        let (heads, mean) = match pooled {
-            Some(pooled) => {
-                // Inference (the kernels ran): each head's projection is one GEMM writing its
-                // columns of the output in place, its bias added by the GEMM.
-                let heads = Tensor::f_empty([n, d], (inp.kind(), inp.device()))?;
+        let (pooled, mean) = match pooled {
+            Some(pooled) => (pooled.f_narrow(0, 0, h)?, Some(pooled.f_get(h)?)),
+            None => (key_weights.f_matmul(inp)?.f_transpose(0, 1)?, None), // (H, N, D)
+        };
+        let heads = match mean.is_some() && n >= PER_HEAD_GEMM_ROWS {
+            true => {
+                // Large inference batches (the kernels ran): each head's projection is one GEMM
+                // writing its columns of the output in place, its bias added by the GEMM.
+                let heads = scratch.take("heads", &[n, d], inp.kind())?;
                 let hd = d / h;
                 for head in 0..h {
                     let out = heads.f_narrow(1, head * hd, hd)?;
@@ -471,17 +492,15 @@ impl MultiheadAttention {
                         _ => x.f_mm_out(&out, &w.f_transpose(0, 1)?)?,
                     };
                 }
-                (heads.f_view([n, h, hd])?, Some(pooled.f_get(h)?))
+                heads.f_view([n, h, hd])?
             }
-            None => {
-                let pooled = key_weights.f_matmul(inp)?.f_transpose(0, 1)?; // (H, N, D)
+            false => {
                 let w_v_t = derived.value_weights.f_transpose(1, 2)?;
                 let heads = pooled.f_bmm(&w_v_t)?.f_transpose(0, 1)?; // (N, H, hd)
-                let heads = match (&derived.value_bias, weights_sum_to_one) {
+                match (&derived.value_bias, weights_sum_to_one) {
                     (Some(b_v), true) => heads.f_add(b_v)?,
                     _ => heads,
-                };
-                (heads, None)
+                }
             }
         };
         let heads = match (&derived.value_bias, weights_sum_to_one) {
@@ -504,6 +523,7 @@ impl MultiheadAttention {
         mask: Option<&Tensor>,
         dropout: f64,
         output: bool,
+        scratch: &mut kernels::Scratch,
     ) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let mut tensors = vec![inp, &self.in_proj_weight];
         tensors.extend(mask);
@@ -514,13 +534,15 @@ impl MultiheadAttention {
         let (h, hd) = (self.n_heads, d / self.n_heads);
         let scale = 1.0 / (hd as f64).sqrt();
         Ok(match pooling {
-            Pooling::Cross => kernels::cross(inp, &self.derived()?.key_vectors, mask, output)?,
+            Pooling::Cross => {
+                kernels::cross(inp, &self.derived()?.key_vectors, mask, output, scratch)?
+            }
             Pooling::SelfMean => {
-                let qk = self.self_queries_keys(inp)?;
-                match kernels::self_weights(&qk, h, scale, mask)? {
+                let qk = self.self_queries_keys(inp, Some(scratch))?;
+                match kernels::self_weights(&qk, h, scale, mask, scratch)? {
                     Some(weights) => {
                         let pooled = match output {
-                            true => kernels::pool(&weights, inp, 0.0, true)?,
+                            true => kernels::pool(&weights, inp, 0.0, true, scratch)?,
                             false => None,
                         };
                         Some((weights, pooled))
@@ -589,14 +611,29 @@ impl MultiheadAttention {
     }
 
     /// Self-attention's queries and keys, `(N, F, 2 D)`: the one projection it cannot avoid.
-    fn self_queries_keys(&self, inp: &Tensor) -> Result<Tensor> {
+    /// With `scratch` (inference only), into its reused buffer.
+    fn self_queries_keys(
+        &self,
+        inp: &Tensor,
+        scratch: Option<&mut kernels::Scratch>,
+    ) -> Result<Tensor> {
         let d = self.embed_dim;
         let w_qk = self.in_proj_weight.f_narrow(0, 0, 2 * d)?;
         let b_qk = match &self.in_proj_bias {
             Some(bias) => Some(bias.f_narrow(0, 0, 2 * d)?),
             None => None,
         };
-        Ok(inp.f_linear(&w_qk, b_qk.as_ref())?)
+        let Some(scratch) = scratch else {
+            return Ok(inp.f_linear(&w_qk, b_qk.as_ref())?);
+        };
+        let (n, f, _) = inp.size3()?;
+        let qk = scratch.take("queries and keys", &[n, f, 2 * d], inp.kind())?;
+        let (flat, out) = (inp.f_reshape([n * f, d])?, qk.f_view([n * f, 2 * d])?);
+        let _ = match &b_qk {
+            Some(b_qk) => b_qk.f_addmm_out(&out, &flat, &w_qk.f_transpose(0, 1)?)?,
+            None => flat.f_mm_out(&out, &w_qk.f_transpose(0, 1)?)?,
+        };
+        Ok(qk)
     }
 
     /// The softmaxed attention weights the pooling needs, per head: `(N, H, F)` for the constant
@@ -617,7 +654,7 @@ impl MultiheadAttention {
                 (scores.f_transpose(1, 2)?, vec![n, 1, f])
             }
             Pooling::SelfMean => {
-                let qk = self.self_queries_keys(inp)?; // (N, F, 2 D)
+                let qk = self.self_queries_keys(inp, None)?; // (N, F, 2 D)
                 let q = qk.f_narrow(-1, 0, d)?.f_view([n, f, h, hd])?.f_transpose(1, 2)?;
                 let k = qk.f_narrow(-1, d, d)?.f_view([n, f, h, hd])?.f_permute([0, 2, 3, 1])?;
                 let scores = q.f_mul_scalar(scale)?.f_matmul(&k)?; // (N, H, F, F)
@@ -635,6 +672,9 @@ impl MultiheadAttention {
         Ok(scores.f_softmax(-1, None::<Kind>)?.f_masked_fill(&dead, 0.0)?)
     }
 }
+
+/// Instances from which the value projection runs as one GEMM per head (fewer ops below).
+const PER_HEAD_GEMM_ROWS: i64 = 256;
 
 /// Input bytes per chunk of a large inference batch (about the size of a last-level cache).
 const CHUNK_BYTES: i64 = 32 << 20;

@@ -26,18 +26,46 @@ pub(crate) fn applies(tensors: &[&Tensor]) -> bool {
         && tensors.iter().all(|t| t.device() == Device::Cpu && t.kind() == kind)
 }
 
+/// Output buffers reused from one chunk of a large inference batch to the next, so that each
+/// is allocated (and its pages first touched) once per call rather than once per chunk.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    buffers: Vec<(&'static str, Tensor)>,
+}
+
+impl Scratch {
+    /// An uninitialised contiguous CPU tensor for `name`: the one handed out before under that
+    /// name where its shape and kind match. A buffer must not outlive its chunk's work.
+    pub(crate) fn take(&mut self, name: &'static str, shape: &[i64], kind: Kind) -> Result<Tensor> {
+        let fits = |t: &Tensor| t.size() == shape && t.kind() == kind;
+        if let Some((_, t)) = self.buffers.iter().find(|(n, t)| *n == name && fits(t)) {
+            return Ok(t.shallow_clone());
+        }
+        let t = Tensor::f_empty(shape, (kind, Device::Cpu))?;
+        self.buffers.retain(|(n, _)| *n != name);
+        self.buffers.push((name, t.shallow_clone()));
+        Ok(t)
+    }
+}
+
 /// Weighted sums of stacked features: `out[k, n, :] = sum_f (w[n, k, f] + shift) x[n, f, :]`,
 /// plus, with `mean`, one more row `out[K, n, :] = mean_f x[n, f, :]` (swak's skip term).
 ///
 /// `weights`: `(N, K, F)`, or `(K, F)` shared by all instances; `x`: `(N, F, D)`. Returns
 /// `(K + mean, N, D)`, head-major for per-head projections; `None` where [`applies`] is false.
-pub(crate) fn pool(weights: &Tensor, x: &Tensor, shift: f64, mean: bool) -> Result<Option<Tensor>> {
+pub(crate) fn pool(
+    weights: &Tensor,
+    x: &Tensor,
+    shift: f64,
+    mean: bool,
+    scratch: &mut Scratch,
+) -> Result<Option<Tensor>> {
     if !applies(&[x, weights]) {
         return Ok(None);
     }
     let (n, f, d) = x.size3()?;
     let k = weights.size()[weights.dim() - 2];
-    let out = Tensor::f_empty([k + i64::from(mean), n, d], (x.kind(), Device::Cpu))?;
+    let out = scratch.take("pooled", &[k + i64::from(mean), n, d], x.kind())?;
     let (x, weights) = (x.f_contiguous()?, weights.f_contiguous()?);
     let shape = Shape { n: n as usize, f: f as usize, d: d as usize, k: k as usize };
     let shared = weights.dim() == 2;
@@ -61,6 +89,7 @@ pub(crate) fn cross(
     u: &Tensor,
     mask: Option<&Tensor>,
     output: bool,
+    scratch: &mut Scratch,
 ) -> Result<Option<(Tensor, Option<Tensor>)>> {
     let mut tensors = vec![x, u];
     tensors.extend(mask);
@@ -69,10 +98,9 @@ pub(crate) fn cross(
     }
     let (n, f, d) = x.size3()?;
     let heads = u.size()[0];
-    let options = (x.kind(), Device::Cpu);
-    let weights = Tensor::f_empty([n, heads, f], options)?;
+    let weights = scratch.take("weights", &[n, heads, f], x.kind())?;
     let pooled = match output {
-        true => Some(Tensor::f_empty([heads + 1, n, d], options)?),
+        true => Some(scratch.take("pooled", &[heads + 1, n, d], x.kind())?),
         false => None,
     };
     let (x, u) = (x.f_contiguous()?, u.f_contiguous()?);
@@ -125,6 +153,7 @@ pub(crate) fn self_weights(
     heads: i64,
     scale: f64,
     mask: Option<&Tensor>,
+    scratch: &mut Scratch,
 ) -> Result<Option<Tensor>> {
     let mut tensors = vec![qk];
     tensors.extend(mask);
@@ -132,7 +161,7 @@ pub(crate) fn self_weights(
         return Ok(None);
     }
     let (n, f, two_d) = qk.size3()?;
-    let weights = Tensor::f_empty([n, heads, f], (qk.kind(), Device::Cpu))?;
+    let weights = scratch.take("weights", &[n, heads, f], qk.kind())?;
     let qk = qk.f_contiguous()?;
     let mask = mask.map(Tensor::f_contiguous).transpose()?;
     let shape = Shape { n: n as usize, f: f as usize, d: (two_d / 2) as usize, k: heads as usize };

@@ -257,7 +257,7 @@ fn weighted_sum(weights: &Tensor, inp: &Tensor, shift: f64) -> Result<Tensor> {
         _ => weights.f_reshape([-1, 1, features])?,
     };
     let flat = inp.f_reshape([-1, features, dim])?;
-    if let Some(pooled) = kernels::pool(&rows, &flat, shift, false)? {
+    if let Some(pooled) = kernels::pool(&rows, &flat, shift, false, &mut Default::default())? {
         let mut out_shape = shape.clone();
         out_shape[shape.len() - 2] = 1;
         return Ok(pooled.f_reshape(out_shape)?);
