@@ -182,6 +182,12 @@ impl Mixer for InstanceWeightsMixer {
 
     fn f_importance(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         self.check(inp, mask)?;
+        // The one-pass kernel beats libtorch's skinny GEMM even with the pooling it adds.
+        if self.n_features > 0 {
+            if let Some((_, importance)) = self.one_pass(inp, false, false)? {
+                return Ok(importance);
+            }
+        }
         self.weights(inp)
     }
 

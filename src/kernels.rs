@@ -657,18 +657,81 @@ fn instance_range<T: Element, const FMA: bool>(
 ) {
     let Shape { f, d, .. } = job.shape;
     let fold = if job.fold { T::from_f64(1.0 / f as f64) } else { T::ZERO };
-    let mut weights = vec![T::ZERO; f];
-    for i in range {
-        let x = &job.x[i * f * d..(i + 1) * f * d];
-        for (g, score) in weights.iter_mut().enumerate() {
-            let bias = job.b.map_or(T::ZERO, |b| b[g]);
-            *score = dot::<T, FMA>(&job.w[g * f * d..(g + 1) * f * d], x) + bias;
+    let size = f * d;
+    // Four instances at a time, their features in tiles that stay in the L1 cache while every
+    // row of the projection (too large for L1 as a whole) passes them: each tile of the
+    // projection is then read from L2 once per four instances instead of once per instance.
+    let tile = INSTANCE_TILE.min(size);
+    let mut scores = vec![T::ZERO; 4 * f];
+    let mut start = range.start;
+    while start < range.end {
+        let count = (range.end - start).min(4);
+        let x = &job.x[start * size..(start + count) * size];
+        for scores in scores.chunks_exact_mut(f).take(count) {
+            for (g, score) in scores.iter_mut().enumerate() {
+                *score = job.b.map_or(T::ZERO, |b| b[g]);
+            }
         }
-        softmax(&mut weights);
-        job.importance.row(i * f, f).copy_from_slice(&weights);
-        weights.iter_mut().for_each(|w| *w += fold);
-        weighted_rows::<T, FMA>(&job.mixed, |_| i * d, &weights, x, d);
+        for t in (0..size).step_by(tile) {
+            let end = (t + tile).min(size);
+            for (g, w) in job.w.chunks_exact(size).enumerate() {
+                let w = &w[t..end];
+                if count == 4 {
+                    let xs = std::array::from_fn(|j| &x[j * size + t..j * size + end]);
+                    for (j, partial) in dot4::<T, FMA>(w, xs).into_iter().enumerate() {
+                        scores[j * f + g] += partial;
+                    }
+                } else {
+                    for (j, x) in x.chunks_exact(size).enumerate() {
+                        scores[j * f + g] += dot::<T, FMA>(w, &x[t..end]);
+                    }
+                }
+            }
+        }
+        for (j, (weights, x)) in scores.chunks_exact_mut(f).zip(x.chunks_exact(size)).enumerate() {
+            let i = start + j;
+            softmax(weights);
+            job.importance.row(i * f, f).copy_from_slice(weights);
+            weights.iter_mut().for_each(|w| *w += fold);
+            weighted_rows::<T, FMA>(&job.mixed, |_| i * d, weights, x, d);
+        }
+        start += count;
     }
+}
+
+/// Elements of an instance's flattened features per tile of the InstanceWeightsMixer kernel.
+const INSTANCE_TILE: usize = 1024;
+
+/// `[w . x[0], .., w . x[3]]`: [`dot`] of one vector with four, `w` read once for all four.
+#[inline(always)]
+fn dot4<T: Element, const FMA: bool>(w: &[T], x: [&[T]; 4]) -> [T; 4] {
+    let (mut s0, mut s1, mut s2, mut s3) = ([T::ZERO; 8], [T::ZERO; 8], [T::ZERO; 8], [T::ZERO; 8]);
+    let (mut t0, mut t1, mut t2, mut t3) = ([T::ZERO; 8], [T::ZERO; 8], [T::ZERO; 8], [T::ZERO; 8]);
+    let n = w.len() / 16 * 16;
+    let [x0, x1, x2, x3] = x.map(|x| &x[..n]);
+    let chunks = w[..n].chunks_exact(16).zip(x0.chunks_exact(16)).zip(x1.chunks_exact(16));
+    for (((w, a), b), (c, e)) in chunks.zip(x2.chunks_exact(16).zip(x3.chunks_exact(16))) {
+        for l in 0..8 {
+            s0[l] = madd::<T, FMA>(s0[l], w[l], a[l]);
+            s1[l] = madd::<T, FMA>(s1[l], w[l], b[l]);
+            s2[l] = madd::<T, FMA>(s2[l], w[l], c[l]);
+            s3[l] = madd::<T, FMA>(s3[l], w[l], e[l]);
+            t0[l] = madd::<T, FMA>(t0[l], w[8 + l], a[8 + l]);
+            t1[l] = madd::<T, FMA>(t1[l], w[8 + l], b[8 + l]);
+            t2[l] = madd::<T, FMA>(t2[l], w[8 + l], c[8 + l]);
+            t3[l] = madd::<T, FMA>(t3[l], w[8 + l], e[8 + l]);
+        }
+    }
+    let mut sums = [T::ZERO; 4];
+    for (j, (s, t)) in [(s0, t0), (s1, t1), (s2, t2), (s3, t3)].into_iter().enumerate() {
+        for (&w, &x) in w[n..].iter().zip(&x[j][n..]) {
+            sums[j] += w * x;
+        }
+        for l in 0..8 {
+            sums[j] += s[l] + t[l];
+        }
+    }
+    sums
 }
 wide_build!(instance_range, instance_range_wide, InstanceJob);
 
