@@ -629,10 +629,13 @@ impl MultiheadAttention {
         let (n, f, _) = inp.size3()?;
         let qk = scratch.take("queries and keys", &[n, f, 2 * d], inp.kind())?;
         let (flat, out) = (inp.f_reshape([n * f, d])?, qk.f_view([n * f, 2 * d])?);
-        let _ = match &b_qk {
-            Some(b_qk) => b_qk.f_addmm_out(&out, &flat, &w_qk.f_transpose(0, 1)?)?,
-            None => flat.f_mm_out(&out, &w_qk.f_transpose(0, 1)?)?,
+        // A bias (zero without one) fills the output for the GEMM to add to: MKL's `beta = 0`
+        // path would clear it in a slower pass of its own.
+        let b_qk = match b_qk {
+            Some(b_qk) => b_qk,
+            None => Tensor::f_zeros([2 * d], (inp.kind(), inp.device()))?,
         };
+        let _ = b_qk.f_addmm_out(&out, &flat, &w_qk.f_transpose(0, 1)?)?;
         Ok(qk)
     }
 

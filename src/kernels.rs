@@ -146,8 +146,10 @@ pub(crate) fn instance(
 }
 
 /// Self-attention weights averaged over the queries: `b[n, h, j] = mean_i softmax_j(q[n, i, h]
-/// . k[n, j, h] * scale + mask[n, j])`, all-zero for a fully masked row. `qk`: `(N, F, 2 D)`,
-/// queries then keys, heads of `D / H` each; `mask`: additive `(N, F)`; returns `(N, H, F)`.
+/// . k[n, j, h] * scale + mask[n, j])`, all-zero for a fully masked row.
+///
+/// `qk`: the queries and keys `(N, F, 2 D)`, heads of `D / H` each; `mask`: additive `(N, F)`;
+/// returns `(N, H, F)`.
 pub(crate) fn self_weights(
     qk: &Tensor,
     heads: i64,
@@ -748,43 +750,59 @@ fn self_range<T: Element, const FMA: bool>(job: &SelfJob<'_, T>, range: std::ops
     let Shape { f, d, k: heads, .. } = job.shape;
     let hd = d / heads;
     let inv = T::from_f64(1.0 / f as f64);
-    let mut scores = vec![T::ZERO; f];
-    // One head's keys transposed, `hd x F` padded to whole blocks of 8 keys, so that a query's
-    // scores against 8 keys are `sum_e q[e] keys[e, block]`: one vector register per block.
+    // One head's queries and keys of one instance, `hd x F` each, padded to whole blocks of 8
+    // features (the padding stays zero): the scores of 8 queries against 8 keys are then 64
+    // independent sums of `hd` products, held in 8 vector registers.
     let padded = f.div_ceil(8) * 8;
     let mut keys = vec![T::ZERO; hd * padded];
+    let mut scores = vec![T::ZERO; padded * padded];
     for i in range {
         let qk = &job.qk[i * f * 2 * d..(i + 1) * f * 2 * d];
         let mask = job.m.map(|m| &m[i * f..(i + 1) * f]);
         let out = job.weights.row(i * heads * f, heads * f);
         out.iter_mut().for_each(|o| *o = T::ZERO);
         for (h, mean) in out.chunks_exact_mut(f).enumerate() {
-            let head_keys = &qk[d + h * hd..];
-            for (e, row) in keys.chunks_exact_mut(padded).enumerate() {
-                for (key, slot) in row[..f].iter_mut().enumerate() {
-                    *slot = head_keys[key * 2 * d + e];
+            // The keys transposed into the padded buffer, from the instance's rows in L1.
+            for (feature, row) in qk.chunks_exact(2 * d).enumerate() {
+                for (e, &k) in row[d + h * hd..d + (h + 1) * hd].iter().enumerate() {
+                    keys[e * padded + feature] = k;
                 }
             }
-            for query in 0..f {
-                let q = &qk[query * 2 * d + h * hd..][..hd];
-                for block in (0..f).step_by(8) {
-                    let mut acc = [T::ZERO; 8];
-                    for (&q, row) in q.iter().zip(keys.chunks_exact(padded)) {
-                        let row = &row[block..block + 8];
-                        for l in 0..8 {
-                            acc[l] = madd::<T, FMA>(acc[l], q, row[l]);
+            for qb in (0..padded).step_by(8) {
+                // Rows past the last query (padding) repeat it; their scores are not used.
+                let q: [&[T]; 8] =
+                    std::array::from_fn(|r| &qk[(qb + r).min(f - 1) * 2 * d + h * hd..][..hd]);
+                for kb in (0..padded).step_by(8) {
+                    let mut acc = [[T::ZERO; 8]; 8];
+                    for (e, k) in keys.chunks_exact(padded).enumerate() {
+                        let k = block(k, kb);
+                        for r in 0..8 {
+                            let q = q[r][e];
+                            for l in 0..8 {
+                                acc[r][l] = madd::<T, FMA>(acc[r][l], q, k[l]);
+                            }
                         }
                     }
-                    let width = (f - block).min(8);
-                    for l in 0..width {
-                        scores[block + l] =
-                            acc[l] * job.scale + mask.map_or(T::ZERO, |m| m[block + l]);
+                    for (r, acc) in acc.iter().enumerate() {
+                        scores[(qb + r) * padded + kb..][..8].copy_from_slice(acc);
                     }
                 }
-                softmax(&mut scores);
-                axpy::<T, FMA>(mean, inv, &scores);
+            }
+            for row in scores.chunks_exact_mut(padded).take(f) {
+                let row = &mut row[..f];
+                for (key, s) in row.iter_mut().enumerate() {
+                    *s = *s * job.scale + mask.map_or(T::ZERO, |m| m[key]);
+                }
+                softmax(row);
+                axpy::<T, FMA>(mean, inv, row);
             }
         }
     }
+}
+
+/// Eight elements of `x` from `start`, as an array.
+#[inline(always)]
+fn block<T>(x: &[T], start: usize) -> &[T; 8] {
+    x[start..start + 8].try_into().expect("a block of 8 elements")
 }
 wide_build!(self_range, self_range_wide, SelfJob);
