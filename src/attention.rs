@@ -329,32 +329,37 @@ impl MultiheadAttention {
         if n > chunk && dropout == 0.0 && kernels::applies(&[inp, &self.in_proj_weight]) {
             // Large inference batches go in chunks that stay in the cache from the scores to
             // the pooling, and whose buffers the allocator reuses instead of mapping new pages.
+            // The chunks write their mixed vectors straight into the rows of the result.
+            let mixed = match output {
+                true => Some(Tensor::f_empty([n, d], (kind, inp.device()))?),
+                false => None,
+            };
             let (mut parts, mut scratch) = (Vec::new(), kernels::Scratch::default());
             for (index, part) in inp.f_split(chunk, 0)?.iter().enumerate() {
+                let (start, rows) = (index as i64 * chunk, part.size()[0]);
                 let mask = match mask {
-                    Some(mask) => Some(mask.f_narrow(0, index as i64 * chunk, part.size()[0])?),
+                    Some(mask) => Some(mask.f_narrow(0, start, rows)?),
                     None => None,
                 };
+                let into = mixed.as_ref().map(|m| m.f_narrow(0, start, rows)).transpose()?;
                 let (mask, asked) = (mask.as_ref(), (output, importance, skip));
-                parts.push(self.pool_part(pooling, part, mask, dropout, asked, &mut scratch)?);
+                let pooled =
+                    self.pool_part(pooling, part, mask, dropout, asked, into, &mut scratch)?;
+                parts.extend(pooled.importance);
             }
-            let cat = |pick: fn(&Pooled) -> Option<&Tensor>| -> Result<Option<Tensor>> {
-                let tensors: Option<Vec<&Tensor>> = parts.iter().map(pick).collect();
-                Ok(match tensors {
-                    Some(tensors) => Some(Tensor::f_cat(&tensors, 0)?),
-                    None => None,
-                })
+            let importance = match importance {
+                true => Some(Tensor::f_cat(&parts, 0)?),
+                false => None,
             };
-            return Ok(Pooled {
-                mixed: cat(|p| p.mixed.as_ref())?,
-                importance: cat(|p| p.importance.as_ref())?,
-            });
+            return Ok(Pooled { mixed, importance });
         }
         let asked = (output, importance, skip);
-        self.pool_part(pooling, inp, mask, dropout, asked, &mut Default::default())
+        self.pool_part(pooling, inp, mask, dropout, asked, None, &mut Default::default())
     }
 
-    /// [`MultiheadAttention::pool`] of one chunk, `asked` being `(output, importance, skip)`.
+    /// [`MultiheadAttention::pool`] of one chunk, `asked` being `(output, importance, skip)`;
+    /// the mixed vectors go `into` that tensor where one is given.
+    #[allow(clippy::too_many_arguments)]
     fn pool_part(
         &self,
         pooling: Pooling,
@@ -362,13 +367,14 @@ impl MultiheadAttention {
         mask: Option<&Tensor>,
         dropout: f64,
         asked: (bool, bool, bool),
+        into: Option<Tensor>,
         scratch: &mut kernels::Scratch,
     ) -> Result<Pooled> {
         let (kind, (output, importance, skip)) = (inp.kind(), asked);
         if !mixer::is_half(kind) {
             let heads =
                 self.pool_heads(pooling, inp, mask, dropout, (output, importance), scratch)?;
-            return self.project_out(heads, inp, skip);
+            return self.project_out(heads, inp, skip, into);
         }
         // Half precision pools in f32, then rounds the heads' output to half precision for the
         // output projection, where PyTorch rounds its attention output: the reordered sums
@@ -393,12 +399,19 @@ impl MultiheadAttention {
             importance: down(heads.importance)?,
             mean: down(heads.mean)?,
         };
-        self.project_out(heads, inp, skip)
+        self.project_out(heads, inp, skip, into)
     }
 
     /// Applies the output projection to the heads' output, and adds the mean of `inp` over the
     /// features with `skip`: inside the projection's GEMM where the kernels pooled it already.
-    fn project_out(&self, heads: Heads, inp: &Tensor, skip: bool) -> Result<Pooled> {
+    /// The result goes `into` that tensor where one is given (inference only).
+    fn project_out(
+        &self,
+        heads: Heads,
+        inp: &Tensor,
+        skip: bool,
+        into: Option<Tensor>,
+    ) -> Result<Pooled> {
         let Heads { heads, importance, mean } = heads;
         let Some(heads) = heads else {
             return Ok(Pooled { mixed: None, importance });
@@ -407,16 +420,24 @@ impl MultiheadAttention {
         let mixed = match (skip, mean) {
             (true, Some(mean)) => {
                 // Inference only (the kernels ran): `mean + heads W_o^T` in one GEMM.
-                let mut mixed = mean.f_addmm(&heads, &w_o.f_transpose(0, 1)?)?;
-                match b_o {
-                    Some(b_o) => mixed.f_add_(b_o)?,
-                    None => mixed,
+                let w_o_t = w_o.f_transpose(0, 1)?;
+                let mut mixed = match &into {
+                    Some(into) => mean.f_addmm_out(into, &heads, &w_o_t)?,
+                    None => mean.f_addmm(&heads, &w_o_t)?,
+                };
+                if let Some(b_o) = b_o {
+                    let _ = mixed.f_add_(b_o)?;
                 }
+                return Ok(Pooled { mixed: Some(mixed), importance });
             }
             (true, None) => {
                 heads.f_linear(w_o, b_o)?.f_add(&inp.f_mean_dim(-2, false, None::<Kind>)?)?
             }
             (false, _) => heads.f_linear(w_o, b_o)?,
+        };
+        let mixed = match into {
+            Some(mut into) => into.f_copy_(&mixed).map(|_| into)?,
+            None => mixed,
         };
         Ok(Pooled { mixed: Some(mixed), importance })
     }

@@ -622,9 +622,17 @@ fn cross_range<T: Element, const FMA: bool>(job: &CrossJob<'_, T>, range: std::o
     let mut rows = vec![T::from_f64(1.0 / f as f64); (heads + 1) * f];
     for i in range {
         let x = &job.x[i * f * d..(i + 1) * f * d];
-        for (u, scores) in job.u.chunks_exact(d).zip(rows.chunks_exact_mut(f)) {
-            for (score, xf) in scores.iter_mut().zip(x.chunks_exact(d)) {
-                *score = dot::<T, FMA>(u, xf);
+        // Four heads at a time: each feature read once for four key vectors.
+        let fours = heads / 4 * 4;
+        for (feature, xf) in x.chunks_exact(d).enumerate() {
+            for h in (0..fours).step_by(4) {
+                let u = std::array::from_fn(|j| &job.u[(h + j) * d..(h + j + 1) * d]);
+                for (j, score) in dot4::<T, FMA>(xf, u).into_iter().enumerate() {
+                    rows[(h + j) * f + feature] = score;
+                }
+            }
+            for h in fours..heads {
+                rows[h * f + feature] = dot::<T, FMA>(&job.u[h * d..(h + 1) * d], xf);
             }
         }
         let weights = &mut rows[..heads * f];
@@ -704,7 +712,8 @@ fn instance_range<T: Element, const FMA: bool>(
 /// Elements of an instance's flattened features per tile of the InstanceWeightsMixer kernel.
 const INSTANCE_TILE: usize = 1024;
 
-/// `[w . x[0], .., w . x[3]]`: [`dot`] of one vector with four, `w` read once for all four.
+/// `[w . x[0], .., w . x[3]]`: [`dot`] of one vector with four, `w` read once for all four,
+/// in eight independent chains of sums.
 #[inline(always)]
 fn dot4<T: Element, const FMA: bool>(w: &[T], x: [&[T]; 4]) -> [T; 4] {
     let (mut s0, mut s1, mut s2, mut s3) = ([T::ZERO; 8], [T::ZERO; 8], [T::ZERO; 8], [T::ZERO; 8]);
