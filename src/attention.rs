@@ -319,11 +319,11 @@ impl MultiheadAttention {
     ) -> Result<Pooled> {
         let kind = inp.kind();
         let (n, f, d) = inp.size3()?;
-        // Self-attention's chunks keep its queries and keys, `(n, F, 2 D)`, at a quarter of
-        // the chunk bytes, so that they stay in the cache until the weights kernel reads them.
+        // Self-attention's chunks keep its queries and keys, `(n, F, 2 D)`, at half the chunk
+        // bytes, so that they stay in the cache until the weights kernel reads them.
         let row_bytes = match pooling {
             Pooling::Cross => f * d,
-            Pooling::SelfMean => f * d * 8,
+            Pooling::SelfMean => f * d * 4,
         } * kind.elt_size_in_bytes() as i64;
         let chunk = (CHUNK_BYTES / row_bytes.max(1)).max(1);
         if n > chunk && dropout == 0.0 && kernels::applies(&[inp, &self.in_proj_weight]) {
@@ -700,8 +700,8 @@ impl MultiheadAttention {
 /// Instances from which the value projection runs as one GEMM per head (fewer ops below).
 const PER_HEAD_GEMM_ROWS: i64 = 256;
 
-/// Input bytes per chunk of a large inference batch (about the size of a last-level cache).
-const CHUNK_BYTES: i64 = 32 << 20;
+/// Input bytes per chunk of a large inference batch (about half a last-level cache).
+const CHUNK_BYTES: i64 = 16 << 20;
 
 /// What [`MultiheadAttention::pool`] returns; each part only where it was asked for or known.
 #[derive(Debug)]

@@ -147,7 +147,7 @@ fn cpu_kernels_match_autograd_path_f64() {
 
 #[test]
 fn cpu_kernels_match_autograd_path_f32_in_chunks() {
-    // 2100 instances of 16 x 256 f32 exceed one 32 MiB chunk of the attention mixers.
+    // 2100 instances of 16 x 256 f32 span several 16 MiB chunks of the attention mixers.
     kernels_match_autograd(Kind::Float, 2100, 16, 256, 1e-4);
 }
 
