@@ -495,7 +495,7 @@ impl MultiheadAttention {
             Some(pooled) => (pooled.f_narrow(0, 0, h)?, Some(pooled.f_get(h)?)),
             None => (key_weights.f_matmul(inp)?.f_transpose(0, 1)?, None), // (H, N, D)
         };
-        let heads = match mean.is_some() && n >= PER_HEAD_GEMM_ROWS {
+        let heads = match mean.is_some() && n >= LARGE_BATCH {
             true => {
                 // Large inference batches (the kernels ran): each head's projection is one GEMM
                 // writing its columns of the output in place, its bias added by the GEMM.
@@ -559,7 +559,8 @@ impl MultiheadAttention {
                 kernels::cross(inp, &self.derived()?.key_vectors, mask, output, scratch)?
             }
             Pooling::SelfMean => {
-                let qk = self.self_queries_keys(inp, Some(scratch))?;
+                let large = inp.size()[0] >= LARGE_BATCH;
+                let qk = self.self_queries_keys(inp, large.then_some(scratch))?;
                 match kernels::self_weights(&qk, h, scale, mask, scratch)? {
                     Some(weights) => {
                         let pooled = match output {
@@ -697,8 +698,9 @@ impl MultiheadAttention {
     }
 }
 
-/// Instances from which the value projection runs as one GEMM per head (fewer ops below).
-const PER_HEAD_GEMM_ROWS: i64 = 256;
+/// Instances from which inference projects into reused buffers and runs the value projection
+/// as one GEMM per head; smaller batches take fewer, allocating ops.
+const LARGE_BATCH: i64 = 256;
 
 /// Input bytes per chunk of a large inference batch (about half a last-level cache).
 const CHUNK_BYTES: i64 = 16 << 20;
