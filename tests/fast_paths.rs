@@ -233,3 +233,46 @@ fn inference_handles_empty_batches_and_single_instances() {
         }
     }
 }
+
+#[test]
+fn inference_from_several_threads_at_once_matches_one_at_a_time() {
+    // The kernels run on libtorch's OpenMP team; callers on threads of their own get teams of
+    // their own. Identical weights come from the same seed; each thread owns its mixers.
+    let build = || -> (nn::VarStore, Vec<Box<dyn Mixer + Send>>) {
+        tch::manual_seed(5);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let config = AttentionConfig { n_heads: 4, ..Default::default() };
+        let instance = tch_mix::InstanceWeightsConfig::default();
+        let mixers: Vec<Box<dyn Mixer + Send>> = vec![
+            Box::new(CrossAttentionMixer::new(&(vs.root() / "c"), 32, config).unwrap()),
+            Box::new(SelfAttentionMixer::new(&(vs.root() / "s"), 32, config).unwrap()),
+            Box::new(InstanceWeightsMixer::new(&(vs.root() / "i"), 32, 6, instance).unwrap()),
+        ];
+        (vs, mixers)
+    };
+    let inp = Tensor::randn([500, 6, 32], (Kind::Float, Device::Cpu));
+    let (_vs, reference) = build();
+    let expected: Vec<Tensor> = reference
+        .iter()
+        .map(|mix| tch::no_grad(|| mix.f_forward_t(&inp, None, false)).unwrap())
+        .collect();
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (vs, mixers) = build();
+            let (inp, expected) =
+                (inp.copy(), expected.iter().map(Tensor::copy).collect::<Vec<_>>());
+            std::thread::spawn(move || {
+                let _vs = vs;
+                for _ in 0..5 {
+                    for (mix, expected) in mixers.iter().zip(&expected) {
+                        let out = tch::no_grad(|| mix.f_forward_t(&inp, None, false)).unwrap();
+                        assert!(max_diff(&out, expected) < 1e-5, "{mix:?}");
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().expect("a worker thread failed");
+    }
+}
