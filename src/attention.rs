@@ -418,6 +418,10 @@ impl MultiheadAttention {
         };
         let (w_o, b_o) = (&self.out_proj_weight, self.out_proj_bias.as_ref());
         let mixed = match (skip, mean) {
+            // Half precision keeps PyTorch's roundings: the projection, then the mean.
+            (true, Some(mean)) if mixer::is_half(heads.kind()) => {
+                heads.f_linear(w_o, b_o)?.f_add(&mean)?
+            }
             (true, Some(mean)) => {
                 // Inference only (the kernels ran): `mean + heads W_o^T` in one GEMM.
                 let w_o_t = w_o.f_transpose(0, 1)?;
