@@ -709,10 +709,11 @@ const LARGE_BATCH: i64 = 256;
 /// Input bytes per chunk of a large inference batch (about half a last-level cache).
 const CHUNK_BYTES: i64 = 16 << 20;
 
-/// What [`MultiheadAttention::pool`] returns; each part only where it was asked for or known.
+/// What [`MultiheadAttention::pool`] returns; each part only where it was asked for.
 #[derive(Debug)]
 pub struct Pooled {
-    /// The mixed vectors `(N, D)`: the attention output (averaged over queries).
+    /// The mixed vectors `(N, D)`: the attention output (averaged over queries), plus the mean
+    /// of the inputs over the features where `skip` was asked for.
     pub mixed: Option<Tensor>,
     /// The importance `(N, F)`: attention weights averaged over heads (and queries).
     pub importance: Option<Tensor>,
