@@ -898,7 +898,6 @@ impl AttentionCore {
                 Some(mixer::finish(
                     mixed.f_reshape(shape)?,
                     inp,
-                    None,
                     dropout,
                     skip_after,
                     keep_dim,

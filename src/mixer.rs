@@ -199,12 +199,10 @@ pub(crate) fn without_features(inp: &Tensor, keep_dim: bool) -> Result<Tensor> {
 }
 
 /// The tail every swak mixer shares: dropout (training only) on the mixed `(..., 1, mod_dim)`
-/// vectors, `+ inp.mean(-2)` with `skip` (`mean` if the caller has it already), then keep or
-/// squeeze the feature dimension.
+/// vectors, `+ inp.mean(-2)` with `skip`, then keep or squeeze the feature dimension.
 pub(crate) fn finish(
     mixed: Tensor,
     inp: &Tensor,
-    mean: Option<Tensor>,
     dropout: f64,
     skip: bool,
     keep_dim: bool,
@@ -212,11 +210,7 @@ pub(crate) fn finish(
 ) -> Result<Tensor> {
     let mut out = mixed.f_dropout(dropout, train)?;
     if skip {
-        let mean = match mean {
-            Some(mean) => mean.f_view_as(&out)?,
-            None => inp.f_mean_dim(-2, true, None::<Kind>)?,
-        };
-        out = out.f_add(&mean)?;
+        out = out.f_add(&inp.f_mean_dim(-2, true, None::<Kind>)?)?;
     }
     if keep_dim {
         Ok(out)
@@ -240,7 +234,7 @@ pub(crate) fn mix_weighted(
     // In half precision `w + 1/F` would round the weights: keep swak's sequence there.
     if is_half(inp.kind()) || (train && dropout > 0.0) || !skip {
         let mixed = weighted_sum(weights, inp, 0.0)?;
-        return finish(mixed, inp, None, dropout, skip, keep_dim, train);
+        return finish(mixed, inp, dropout, skip, keep_dim, train);
     }
     let mixed = weighted_sum(weights, inp, 1.0 / features as f64)?;
     Ok(if keep_dim { mixed } else { mixed.f_squeeze_dim(-2)? })
