@@ -499,40 +499,41 @@ impl MultiheadAttention {
             Some(pooled) => (pooled.f_narrow(0, 0, h)?, Some(pooled.f_get(h)?)),
             None => (key_weights.f_matmul(inp)?.f_transpose(0, 1)?, None), // (H, N, D)
         };
-        let heads = match mean.is_some() && n >= LARGE_BATCH {
+        // Large inference batches (the kernels ran): each head's projection is one GEMM writing
+        // its columns of the output in place, with the bias added by the GEMM where it is
+        // exactly `b_v`. Elsewhere one batched GEMM, the bias added afterwards.
+        let per_head = mean.is_some() && n >= LARGE_BATCH;
+        let bias_in_gemm = per_head && weights_sum_to_one;
+        let heads = match per_head {
             true => {
-                // Large inference batches (the kernels ran): each head's projection is one GEMM
-                // writing its columns of the output in place, its bias added by the GEMM.
                 let heads = scratch.take("heads", &[n, d], inp.kind())?;
                 let hd = d / h;
                 for head in 0..h {
                     let out = heads.f_narrow(1, head * hd, hd)?;
                     let (x, w) = (pooled.f_get(head)?, derived.value_weights.f_get(head)?);
-                    let _ = match (&derived.value_bias, weights_sum_to_one) {
-                        (Some(b_v), true) => b_v.f_view([h, hd])?.f_get(head)?.f_addmm_out(
-                            &out,
-                            &x,
-                            &w.f_transpose(0, 1)?,
-                        )?,
-                        _ => x.f_mm_out(&out, &w.f_transpose(0, 1)?)?,
+                    let w_t = w.f_transpose(0, 1)?;
+                    let _ = match (&derived.value_bias, bias_in_gemm) {
+                        (Some(b_v), true) => {
+                            b_v.f_view([h, hd])?.f_get(head)?.f_addmm_out(&out, &x, &w_t)?
+                        }
+                        _ => x.f_mm_out(&out, &w_t)?,
                     };
                 }
                 heads.f_view([n, h, hd])?
             }
             false => {
                 let w_v_t = derived.value_weights.f_transpose(1, 2)?;
-                let heads = pooled.f_bmm(&w_v_t)?.f_transpose(0, 1)?; // (N, H, hd)
-                match (&derived.value_bias, weights_sum_to_one) {
-                    (Some(b_v), true) => heads.f_add(b_v)?,
-                    _ => heads,
-                }
+                pooled.f_bmm(&w_v_t)?.f_transpose(0, 1)? // (N, H, hd)
             }
         };
-        let heads = match (&derived.value_bias, weights_sum_to_one) {
-            (Some(b_v), false) => {
-                let total = key_weights.f_sum_dim_intlist(-1, true, None::<Kind>)?; // (N, H, 1)
-                heads.f_add(&total.f_mul(b_v)?)?
-            }
+        let heads = match &derived.value_bias {
+            Some(b_v) if !bias_in_gemm => match weights_sum_to_one {
+                true => heads.f_add(b_v)?,
+                false => {
+                    let total = key_weights.f_sum_dim_intlist(-1, true, None::<Kind>)?; // (N, H, 1)
+                    heads.f_add(&total.f_mul(b_v)?)?
+                }
+            },
             _ => heads,
         };
         Ok(Heads { heads: Some(heads.f_reshape([n, d])?), importance, mean })
