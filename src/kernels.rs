@@ -527,32 +527,12 @@ fn weighted_rows<T: Element, const FMA: bool>(
     }
     let mut r = 0;
     while r < rows {
-        let w = &weights[r * f..];
+        let (w, row) = (&weights[r * f..], |j| out.row(at(r + j), d));
         r += match rows - r {
-            1 => weighted_rows_n::<T, FMA, 1>(
-                std::array::from_fn(|j| out.row(at(r + j), d)),
-                w,
-                x,
-                d,
-            ),
-            2 => weighted_rows_n::<T, FMA, 2>(
-                std::array::from_fn(|j| out.row(at(r + j), d)),
-                w,
-                x,
-                d,
-            ),
-            3 => weighted_rows_n::<T, FMA, 3>(
-                std::array::from_fn(|j| out.row(at(r + j), d)),
-                w,
-                x,
-                d,
-            ),
-            _ => weighted_rows_n::<T, FMA, 4>(
-                std::array::from_fn(|j| out.row(at(r + j), d)),
-                w,
-                x,
-                d,
-            ),
+            1 => weighted_rows_n::<T, FMA, 1>(std::array::from_fn(row), w, x, d),
+            2 => weighted_rows_n::<T, FMA, 2>(std::array::from_fn(row), w, x, d),
+            3 => weighted_rows_n::<T, FMA, 3>(std::array::from_fn(row), w, x, d),
+            _ => weighted_rows_n::<T, FMA, 4>(std::array::from_fn(row), w, x, d),
         };
     }
 }
@@ -781,10 +761,10 @@ fn self_range<T: Element, const FMA: bool>(job: &SelfJob<'_, T>, range: std::ops
     let Shape { f, d, k: heads, .. } = job.shape;
     let hd = d / heads;
     let inv = T::from_f64(1.0 / f as f64);
-    // One head's queries and keys of one instance, `hd x F` each, padded to whole blocks of 8
-    // features (the padding stays zero): the scores of 8 queries against 8 keys are then 64
-    // independent sums of `hd` products, held in 8 vector registers.
-    let padded = f.div_ceil(8) * 8;
+    // One head's keys of one instance transposed, `hd x F`, padded to whole slabs of features
+    // (the padding stays zero): the scores of a slab of queries against a slab of keys are then
+    // independent sums of `hd` products, one vector register per query.
+    let padded = f.div_ceil(SLAB) * SLAB;
     let mut keys = vec![T::ZERO; hd * padded];
     let mut scores = vec![T::ZERO; padded * padded];
     for i in range {
@@ -799,23 +779,23 @@ fn self_range<T: Element, const FMA: bool>(job: &SelfJob<'_, T>, range: std::ops
                     keys[e * padded + feature] = k;
                 }
             }
-            for qb in (0..padded).step_by(8) {
+            for qb in (0..padded).step_by(SLAB) {
                 // Rows past the last query (padding) repeat it; their scores are not used.
-                let q: [&[T]; 8] =
+                let q: [&[T]; SLAB] =
                     std::array::from_fn(|r| &qk[(qb + r).min(f - 1) * 2 * d + h * hd..][..hd]);
-                for kb in (0..padded).step_by(8) {
-                    let mut acc = [[T::ZERO; 8]; 8];
+                for kb in (0..padded).step_by(SLAB) {
+                    let mut acc = [[T::ZERO; SLAB]; SLAB];
                     for (e, k) in keys.chunks_exact(padded).enumerate() {
-                        let k = block(k, kb);
-                        for r in 0..8 {
+                        let k = slab(k, kb);
+                        for r in 0..SLAB {
                             let q = q[r][e];
-                            for l in 0..8 {
+                            for l in 0..SLAB {
                                 acc[r][l] = madd::<T, FMA>(acc[r][l], q, k[l]);
                             }
                         }
                     }
                     for (r, acc) in acc.iter().enumerate() {
-                        scores[(qb + r) * padded + kb..][..8].copy_from_slice(acc);
+                        scores[(qb + r) * padded + kb..][..SLAB].copy_from_slice(acc);
                     }
                 }
             }
@@ -831,9 +811,4 @@ fn self_range<T: Element, const FMA: bool>(job: &SelfJob<'_, T>, range: std::ops
     }
 }
 
-/// Eight elements of `x` from `start`, as an array.
-#[inline(always)]
-fn block<T>(x: &[T], start: usize) -> &[T; 8] {
-    x[start..start + 8].try_into().expect("a block of 8 elements")
-}
 wide_build!(self_range, self_range_wide, SelfJob);
