@@ -129,16 +129,22 @@ fn zero_features_give_the_input_or_zeros_for_every_flag() {
     }
 }
 
-#[test]
-fn global_importance_is_uniform_softmax_of_ones() {
-    for (n, shape) in [
+/// `(n_features, input shape)` pairs for the importance tests: 2-D to 4-D, an empty batch, one
+/// feature.
+fn importance_cases() -> [(i64, Vec<i64>); 6] {
+    [
         (2, vec![2, 4]),
         (2, vec![3, 2, 4]),
         (2, vec![5, 3, 2, 4]),
         (2, vec![5, 0, 2, 4]),
         (1, vec![3, 1, 4]),
         (5, vec![3, 5, 4]),
-    ] {
+    ]
+}
+
+#[test]
+fn global_importance_is_uniform_softmax_of_ones() {
+    for (n, shape) in importance_cases() {
         let vs = nn::VarStore::new(Device::Cpu);
         let mix = global(&vs, n, GlobalWeightsConfig::default());
         let leading = &shape[..shape.len() - 1];
@@ -224,14 +230,7 @@ fn instance_skip_and_keep_dim() {
 
 #[test]
 fn instance_importance_of_equal_scores_is_uniform() {
-    for (n, shape) in [
-        (2, vec![2, 4]),
-        (2, vec![3, 2, 4]),
-        (2, vec![5, 3, 2, 4]),
-        (2, vec![5, 0, 2, 4]),
-        (1, vec![3, 1, 4]),
-        (5, vec![3, 5, 4]),
-    ] {
+    for (n, shape) in importance_cases() {
         let mix = instance_ones(&nn::VarStore::new(Device::Cpu), n, true, false);
         let leading = &shape[..shape.len() - 1];
         assert_close(&mix.f_importance(&ones(&shape), None).unwrap(), &(ones(leading) / n as f64));
