@@ -1,38 +1,129 @@
 //! [`CrossAttentionMixer`]: the features are pooled by attention from one learned query.
+//!
+//! What is cross-attention's own: the query is a constant, `ones(1, D)`, so its projection
+//! folds into the key projection. Per head, `q_h . (W_k,h x + b_k,h) = u_h . x + c_h` with the
+//! key vector `u_h = W_k,h^T q_h` and `q = W_q 1 + b_q`; `c_h` is the same for every feature
+//! and cancels in the softmax. The scores are then one dot product per head and feature.
 
-use crate::attention::{attention_mixer, Pooling};
+use tch::{nn, Device, Kind, Tensor};
 
-attention_mixer! {
-    /// Combines stacked feature vectors via cross-attention with a learned query (swak's
-    /// `CrossAttentionMixer`): a constant query `ones(1, D)`, projected by the learned query
-    /// projection, attends over the features.
-    ///
-    /// `importance` = the query's attention weights over the features (averaged over heads);
-    /// `forward = dropout(attention(query, inp, inp)) (+ inp.mean(-2) with skip)`.
-    ///
-    /// # Shapes
-    /// - input `(..., n_features, mod_dim)` with any number of features and leading dimensions
-    ///   (swak takes 2-D and 3-D only; 4-D and more are treated as a flattened batch);
-    /// - mask `(..., n_features)`: bool (`true` = ignore the feature) or float (added to the scores);
-    /// - output `(..., mod_dim)`, or `(..., 1, mod_dim)` with `keep_dim`;
-    /// - importance `(..., n_features)`.
-    ///
-    /// A fully masked row has all-zero importance and a zero attention output (so its output is
-    /// `out_proj.bias` plus the skip term), where swak gives NaN importance.
-    ///
-    /// ```
-    /// use tch::{nn, Device, Kind, Tensor};
-    /// use tch_mix::{AttentionConfig, CrossAttentionMixer, Mixer};
-    ///
-    /// let vs = nn::VarStore::new(Device::Cpu);
-    /// let config = AttentionConfig { n_heads: 2, ..Default::default() };
-    /// let mix = CrossAttentionMixer::new(&(vs.root() / "mix"), 8, config)?;
-    /// let inp = Tensor::randn([5, 3, 8], (Kind::Float, Device::Cpu));
-    /// let mask = Tensor::from_slice(&[false, false, true]).expand([5, 3], false);
-    /// assert_eq!(mix.f_forward_t(&inp, Some(&mask), false)?.size(), [5, 8]);
-    /// assert_eq!(mix.f_importance(&inp, Some(&mask))?.size(), [5, 3]);
-    /// # Ok::<(), tch_mix::MixError>(())
-    /// ```
-    CrossAttentionMixer,
-    Pooling::Cross
+use crate::attention::{self, Attend, AttentionConfig, AttentionCore, Derived, KeyWeights};
+use crate::error::Result;
+use crate::kernels::{self, Scratch};
+use crate::MultiheadAttention;
+
+/// Combines stacked feature vectors via cross-attention with a learned query (swak's
+/// `CrossAttentionMixer`): a constant query `ones(1, D)`, projected by the learned query
+/// projection, attends over the features.
+///
+/// `importance` = the query's attention weights over the features (averaged over heads);
+/// `forward = dropout(attention(query, inp, inp)) (+ inp.mean(-2) with skip)`.
+///
+/// # Shapes
+/// - input `(..., n_features, mod_dim)` with any number of features and leading dimensions
+///   (swak takes 2-D and 3-D only; 4-D and more are treated as a flattened batch);
+/// - mask `(..., n_features)`: bool (`true` = ignore the feature) or float (added to the scores);
+/// - output `(..., mod_dim)`, or `(..., 1, mod_dim)` with `keep_dim`;
+/// - importance `(..., n_features)`.
+///
+/// A fully masked row has all-zero importance and a zero attention output (so its output is
+/// `out_proj.bias` plus the skip term), where swak gives NaN importance.
+///
+/// ```
+/// use tch::{nn, Device, Kind, Tensor};
+/// use tch_mix::{AttentionConfig, CrossAttentionMixer, Mixer};
+///
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let config = AttentionConfig { n_heads: 2, ..Default::default() };
+/// let mix = CrossAttentionMixer::new(&(vs.root() / "mix"), 8, config)?;
+/// let inp = Tensor::randn([5, 3, 8], (Kind::Float, Device::Cpu));
+/// let mask = Tensor::from_slice(&[false, false, true]).expand([5, 3], false);
+/// assert_eq!(mix.f_forward_t(&inp, Some(&mask), false)?.size(), [5, 8]);
+/// assert_eq!(mix.f_importance(&inp, Some(&mask))?.size(), [5, 3]);
+/// # Ok::<(), tch_mix::MixError>(())
+/// ```
+#[derive(Debug)]
+pub struct CrossAttentionMixer {
+    core: AttentionCore,
 }
+
+impl CrossAttentionMixer {
+    /// Creates the mixer with its variables `attention.in_proj_weight`, `attention.in_proj_bias`,
+    /// `attention.out_proj.weight` and `attention.out_proj.bias` under `path`, in the VarStore's
+    /// dtype and device, initialised like PyTorch's `nn.MultiheadAttention`.
+    pub fn new(path: &nn::Path, mod_dim: i64, config: AttentionConfig) -> Result<Self> {
+        let core = AttentionCore::new(path, mod_dim, config, path.kind(), path.device())?;
+        Ok(Self { core })
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> AttentionConfig {
+        self.core.config
+    }
+
+    /// The attention module (its tensors are public).
+    pub fn attention(&self) -> &MultiheadAttention {
+        &self.core.attention
+    }
+}
+
+impl Attend for CrossAttentionMixer {
+    const CHUNK_WIDTH: i64 = 1;
+
+    fn query(n: i64, d: i64, kind: Kind, device: Device) -> Result<Option<Tensor>> {
+        Ok(Some(Tensor::f_ones([1, d], (kind, device))?.f_expand([n, 1, d], false)?))
+    }
+
+    /// The key vectors `u_h`, scaled by `1 / sqrt(D / H)`: `(H, D)`.
+    fn derive(attention: &MultiheadAttention) -> Result<Option<Tensor>> {
+        let (d, h) = (attention.embed_dim(), attention.n_heads());
+        let hd = d / h;
+        let weight = &attention.in_proj_weight;
+        let mut q = weight.f_narrow(0, 0, d)?.f_sum_dim_intlist(1, false, None::<Kind>)?;
+        if let Some(bias) = &attention.in_proj_bias {
+            q = q.f_add(&bias.f_narrow(0, 0, d)?)?;
+        }
+        let w_k = weight.f_narrow(0, d, d)?.f_view([h, hd, d])?;
+        let u = q.f_view([h, 1, hd])?.f_bmm(&w_k)?.f_view([h, d])?;
+        Ok(Some(u.f_mul_scalar(1.0 / (hd as f64).sqrt())?))
+    }
+
+    fn head_weights(
+        _: &MultiheadAttention,
+        derived: &Derived,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (n, f, _) = inp.size3()?;
+        // (N, F, H); a transposed view of `(H, D)`, the layout MKL takes fastest.
+        let scores = inp.f_matmul(&key_vectors(derived).f_transpose(0, 1)?)?;
+        attention::masked_softmax(scores.f_transpose(1, 2)?, mask, &[n, 1, f])
+    }
+
+    fn per_key(weights: Tensor) -> Result<Tensor> {
+        Ok(weights)
+    }
+
+    fn kernel(
+        attention: &MultiheadAttention,
+        derived: &Derived,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+        output: bool,
+        scratch: &mut Scratch,
+    ) -> Result<Option<KeyWeights>> {
+        let mut tensors = vec![inp, &attention.in_proj_weight];
+        tensors.extend(mask);
+        if !kernels::applies(&tensors) {
+            return Ok(None);
+        }
+        kernels::cross(inp, key_vectors(derived), mask, output, scratch)
+    }
+}
+
+/// The key vectors that [`CrossAttentionMixer::derive`] put into `derived`.
+fn key_vectors(derived: &Derived) -> &Tensor {
+    derived.scoring.as_ref().expect("cross-attention derives its key vectors")
+}
+
+attention::impl_attention_mixer!(CrossAttentionMixer);

@@ -4,6 +4,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::Result;
 use crate::mixer::{self, Mixer};
+use crate::mode;
 
 /// Hyper-parameters of a [`GlobalWeightsMixer`], named as in swak.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -109,7 +110,7 @@ impl GlobalWeightsMixer {
     fn importance_of(&self, inp: &Tensor) -> Result<Tensor> {
         let shape = inp.size();
         let leading = &shape[..shape.len() - 1];
-        if mixer::use_reference(self.kind()) {
+        if mode::use_reference(self.kind()) {
             let coeffs = self.coeffs.f_expand(leading, false)?;
             return Ok(coeffs.f_softmax(-1, None::<Kind>)?);
         }
@@ -121,7 +122,7 @@ impl GlobalWeightsMixer {
             return mixer::without_features(inp, self.config.keep_dim);
         }
         let GlobalWeightsConfig { dropout, skip, keep_dim } = self.config;
-        let weights = match mixer::use_reference(self.kind()) {
+        let weights = match mode::use_reference(self.kind()) {
             true => self.importance_of(inp)?,
             false => self.coeffs.f_softmax(-1, None::<Kind>)?,
         };

@@ -84,7 +84,8 @@ impl InstanceWeightsMixer {
         mixer::check_dropout(config.dropout)?;
         let project = path / "project";
         let options = (kind, device);
-        let weight = Tensor::f_empty([n_features, n_features * mod_dim], options)?;
+        let flat = mixer::checked_product("n_features * mod_dim", &[n_features, mod_dim])?;
+        let weight = Tensor::f_empty([n_features, flat], options)?;
         let weight = mixer::add_variable(&project, "weight", weight)?;
         let bias = match config.bias {
             true => Some(mixer::add_variable(

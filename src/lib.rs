@@ -38,9 +38,10 @@ mod global;
 mod instance;
 mod kernels;
 mod mixer;
+mod mode;
 mod self_attention;
 
-pub use attention::{AttentionConfig, MultiheadAttention, Pooled, Pooling, Query};
+pub use attention::{AttentionConfig, MultiheadAttention};
 pub use checkpoint::{load_var_store, StateDict};
 pub use cross::CrossAttentionMixer;
 pub use error::{MixError, Result, ShapeMismatch};

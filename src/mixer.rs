@@ -5,7 +5,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::checkpoint::{self, StateDict};
 use crate::error::{MixError, Result};
-use crate::kernels;
+use crate::{kernels, mode};
 
 /// A module that combines stacked feature vectors `(..., n_features, mod_dim)` into `(..., mod_dim)`.
 ///
@@ -103,6 +103,14 @@ pub(crate) fn check_size(name: &str, value: i64, min: i64) -> Result<()> {
     } else {
         Err(MixError::Config(format!("{name} must be at least {min}, got {value}")))
     }
+}
+
+/// The product of sizes given at construction, `name` saying what it is: an error where it
+/// does not fit in an `i64` (libtorch's sizes), instead of a wrapped, wrong shape.
+pub(crate) fn checked_product(name: &str, factors: &[i64]) -> Result<i64> {
+    factors.iter().try_fold(1i64, |product, &factor| product.checked_mul(factor)).ok_or_else(|| {
+        MixError::Config(format!("{name} = {factors:?} multiplied overflows a 64-bit size"))
+    })
 }
 
 /// Checks that `inp` is a `(..., n_features, mod_dim)` tensor of the mixer's dtype and device,
@@ -232,7 +240,7 @@ pub(crate) fn mix_weighted(
 ) -> Result<Tensor> {
     let features = inp.size()[inp.dim() - 2];
     // In half precision `w + 1/F` would round the weights: keep swak's sequence there.
-    if is_half(inp.kind()) || (train && dropout > 0.0) || !skip {
+    if mode::is_half(inp.kind()) || (train && dropout > 0.0) || !skip {
         let mixed = weighted_sum(weights, inp, 0.0)?;
         return finish(mixed, inp, dropout, skip, keep_dim, train);
     }
@@ -242,7 +250,7 @@ pub(crate) fn mix_weighted(
 
 /// `(..., F) x (..., F, D) -> (..., 1, D)` with the weights plus `shift`, weights `(F,)` shared
 /// by all instances or one row each; on the CPU without autograd in one pass over the input
-/// (see [`kernels::pool`]).
+/// (see [`kernels::weighted_sums`]).
 fn weighted_sum(weights: &Tensor, inp: &Tensor, shift: f64) -> Result<Tensor> {
     let shape = inp.size();
     let (features, dim) = (shape[shape.len() - 2], shape[shape.len() - 1]);
@@ -251,7 +259,9 @@ fn weighted_sum(weights: &Tensor, inp: &Tensor, shift: f64) -> Result<Tensor> {
         _ => weights.f_reshape([-1, 1, features])?,
     };
     let flat = inp.f_reshape([-1, features, dim])?;
-    if let Some(pooled) = kernels::pool(&rows, &flat, shift, false, &mut Default::default())? {
+    if let Some(pooled) =
+        kernels::weighted_sums(&rows, &flat, shift, false, &mut Default::default())?
+    {
         let mut out_shape = shape.clone();
         out_shape[shape.len() - 2] = 1;
         return Ok(pooled.f_reshape(out_shape)?);
@@ -259,29 +269,6 @@ fn weighted_sum(weights: &Tensor, inp: &Tensor, shift: f64) -> Result<Tensor> {
     let weights =
         if shift == 0.0 { weights.shallow_clone() } else { weights.f_add_scalar(shift)? };
     Ok(weights.f_unsqueeze(-2)?.f_matmul(inp)?)
-}
-
-/// Whether autograd records operations now (it does unless inside `tch::no_grad`).
-pub(crate) fn grad_mode() -> bool {
-    // SAFETY: sets libtorch's thread-local grad mode and returns the previous value; setting it
-    // back at once leaves the state as it was.
-    unsafe {
-        let previous = torch_sys::at_grad_set_enabled(0);
-        torch_sys::at_grad_set_enabled(previous);
-        previous != 0
-    }
-}
-
-/// Whether a mixer of dtype `kind` should take PyTorch's own op sequence rather than its fast
-/// path: in half precision while autograd records, so that gradients round as PyTorch's do.
-/// (In f32/f64 the fast paths agree with PyTorch to rounding, gradients included.)
-pub(crate) fn use_reference(kind: Kind) -> bool {
-    is_half(kind) && grad_mode()
-}
-
-/// Whether `kind` is a 16-bit float (bfloat16 or float16).
-pub(crate) fn is_half(kind: Kind) -> bool {
-    matches!(kind, Kind::BFloat16 | Kind::Half)
 }
 
 /// Implements tch's `nn::ModuleT` for a mixer as a thin wrapper over [`Mixer::f_forward_t`]

@@ -1,13 +1,13 @@
-//! The fast paths against the straightforward ones: the pooled attention against PyTorch's own
-//! op sequence (kept as `MultiheadAttention::output` and `::weights`), gradients included, and
-//! the one-pass CPU kernels of inference against the autograd path.
+//! The fast paths against the straightforward ones: the one-pass CPU kernels of inference
+//! against the autograd path. (The pooled attention against PyTorch's own op sequence,
+//! gradients included, is a unit test beside it, in `src/attention/fast.rs`.)
 
 mod common;
 
 use tch::{nn, Device, Kind, Tensor};
 use tch_mix::{
     AttentionConfig, CrossAttentionMixer, GlobalWeightsMixer, InstanceWeightsMixer, Mixer,
-    MultiheadAttention, Pooling, Query, SelfAttentionMixer,
+    SelfAttentionMixer,
 };
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -16,66 +16,6 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         return 0.0;
     }
     (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
-}
-
-/// An f64 attention module with random weights and non-zero biases.
-fn attention(vs: &nn::VarStore, heads: i64) -> MultiheadAttention {
-    let attention =
-        MultiheadAttention::new(&vs.root(), 6, heads, true, Kind::Double, Device::Cpu).unwrap();
-    for bias in [&attention.in_proj_bias, &attention.out_proj_bias].into_iter().flatten() {
-        tch::no_grad(|| bias.shallow_clone().copy_(&(Tensor::randn_like(bias) * 0.3)));
-    }
-    attention
-}
-
-#[test]
-fn pooled_attention_equals_pytorch_sequence_with_gradients() {
-    tch::manual_seed(3);
-    for heads in [1, 2, 3] {
-        let vs = nn::VarStore::new(Device::Cpu);
-        let attention = attention(&vs, heads);
-        let inp = Tensor::randn([5, 4, 6], (Kind::Double, Device::Cpu)).set_requires_grad(true);
-        let dead = Tensor::from_slice(&[true, true, true, true]).view([1, 4]);
-        let rest = Tensor::rand([4, 4], (Kind::Float, Device::Cpu)).lt(0.4);
-        let bool_mask = Tensor::cat(&[dead, rest], 0);
-        let masks = [None, Some(attention.additive_mask(&bool_mask).unwrap())];
-        for mask in masks.iter().map(Option::as_ref) {
-            for pooling in [Pooling::Cross, Pooling::SelfMean] {
-                let constant = Tensor::ones([5, 1, 6], (Kind::Double, Device::Cpu));
-                let query = match pooling {
-                    Pooling::Cross => Query::Cross(&constant),
-                    Pooling::SelfMean => Query::SelfAttention,
-                };
-                let reference_out = attention.output(query, &inp, mask, 0.0).unwrap().mean_dim(
-                    1,
-                    false,
-                    None::<Kind>,
-                );
-                let reference_weights =
-                    attention.weights(query, &inp, mask).unwrap().mean_dim(1, false, None::<Kind>);
-                let fast = attention.pool(pooling, &inp, mask, 0.0, true, true, false).unwrap();
-                let (out, weights) = (fast.mixed.unwrap(), fast.importance.unwrap());
-                assert!(max_diff(&out, &reference_out) < 1e-12, "{pooling:?} output");
-                assert!(max_diff(&weights, &reference_weights) < 1e-12, "{pooling:?} weights");
-                // Gradients of the same loss through both paths.
-                let cotangent = Tensor::randn_like(&out);
-                let mut wrt = vec![&inp, &attention.in_proj_weight, &attention.out_proj_weight];
-                wrt.extend(attention.in_proj_bias.as_ref());
-                wrt.extend(attention.out_proj_bias.as_ref());
-                let loss = |t: &Tensor| (t * &cotangent).sum(Kind::Double);
-                let fast_grads = Tensor::run_backward(&[loss(&out)], &wrt, false, false);
-                let reference_grads =
-                    Tensor::run_backward(&[loss(&reference_out)], &wrt, false, false);
-                for (a, b) in fast_grads.iter().zip(&reference_grads) {
-                    assert!(
-                        max_diff(a, b) < 1e-12,
-                        "{pooling:?} gradient differs by {}",
-                        max_diff(a, b)
-                    );
-                }
-            }
-        }
-    }
 }
 
 /// Every mixer, f32 or f64, with random weights, on `(n, f, d)` input.

@@ -1,0 +1,314 @@
+//! What the two attention mixers share: their hyper-parameters, the [`Attend`] trait through
+//! which each says how its queries attend, and [`AttentionCore`], which validates the input,
+//! flattens its leading dimensions, chooses PyTorch's op sequence or the fast path, and applies
+//! swak's tail (dropout, skip, keep_dim).
+
+use tch::{nn, Device, Kind, Tensor};
+
+use super::fast::{Derived, KeyWeights, Mixed, Request};
+use super::multihead::MultiheadAttention;
+use crate::error::Result;
+use crate::kernels::Scratch;
+use crate::{mixer, mode};
+
+/// Hyper-parameters of the attention mixers, named as in swak.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionConfig {
+    /// Number of attention heads; must divide `mod_dim`. Default 1.
+    pub n_heads: i64,
+    /// Learn biases in the attention projections. Default `true`.
+    pub bias: bool,
+    /// Dropout on the attention weights and on the mixed output in training mode, in `[0, 1)`.
+    /// Default 0.
+    pub dropout: f64,
+    /// Add the mean of the features to the mix (a residual connection). Default `true`.
+    pub skip: bool,
+    /// Keep the feature dimension as size 1 instead of squeezing it. Default `false`.
+    pub keep_dim: bool,
+}
+
+impl Default for AttentionConfig {
+    fn default() -> Self {
+        Self { n_heads: 1, bias: true, dropout: 0.0, skip: true, keep_dim: false }
+    }
+}
+
+/// What makes an attention mixer cross- or self-attention: which queries attend, and how their
+/// weights become one weight per feature. Both attention mixers implement it; the shared code
+/// in this module and in [`super::fast`] is generic over it.
+pub(crate) trait Attend {
+    /// Bytes an inference chunk holds per byte of its input (queries, keys and their scores),
+    /// which sizes the chunks so that they stay in the cache.
+    const CHUNK_WIDTH: i64;
+
+    /// The query of PyTorch's op sequence for `n` instances of width `d`: `None` where the
+    /// features themselves attend.
+    fn query(n: i64, d: i64, kind: Kind, device: Device) -> Result<Option<Tensor>>;
+
+    /// What the scores need from the weights beyond the value projection, derived once and
+    /// cached with it (see [`Derived`]).
+    fn derive(attention: &MultiheadAttention) -> Result<Option<Tensor>>;
+
+    /// The softmaxed attention weights per head, through libtorch ops: `(N, H, F)` for one
+    /// query, `(N, H, L, F)` for `L` queries.
+    fn head_weights(
+        attention: &MultiheadAttention,
+        derived: &Derived,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor>;
+
+    /// One weight per head and key `(N, H, F)` from [`Attend::head_weights`].
+    fn per_key(weights: Tensor) -> Result<Tensor>;
+
+    /// The one-pass CPU kernels for inference: the per-key weights `(N, H, F)` and, if
+    /// `output`, the pooled inputs and their mean `(H + 1, N, D)`; `None` where they do not
+    /// apply (autograd, CUDA).
+    fn kernel(
+        attention: &MultiheadAttention,
+        derived: &Derived,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+        output: bool,
+        scratch: &mut Scratch,
+    ) -> Result<Option<KeyWeights>>;
+}
+
+/// What a call asks for: the mixed features, their importance, or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Want {
+    Output,
+    Importance,
+    Both,
+}
+
+impl Want {
+    pub(crate) fn output(self) -> bool {
+        matches!(self, Want::Output | Want::Both)
+    }
+
+    pub(crate) fn importance(self) -> bool {
+        matches!(self, Want::Importance | Want::Both)
+    }
+}
+
+/// The state of an attention mixer: the attention module and the hyper-parameters.
+#[derive(Debug)]
+pub(crate) struct AttentionCore {
+    pub(crate) attention: MultiheadAttention,
+    pub(crate) mod_dim: i64,
+    pub(crate) config: AttentionConfig,
+}
+
+/// An input flattened to `(N, F, D)` with its additive mask `(N, F)` and its leading dimensions.
+struct Batch {
+    inp: Tensor,
+    mask: Option<Tensor>,
+    leading: Vec<i64>,
+}
+
+impl AttentionCore {
+    pub(crate) fn new(
+        path: &nn::Path,
+        mod_dim: i64,
+        config: AttentionConfig,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
+        mixer::check_dropout(config.dropout)?;
+        let attention = MultiheadAttention::new(
+            &(path / "attention"),
+            mod_dim,
+            config.n_heads,
+            config.bias,
+            kind,
+            device,
+        )?;
+        Ok(Self { attention, mod_dim, config })
+    }
+
+    pub(crate) fn kind(&self) -> Kind {
+        self.attention.out_proj_weight.kind()
+    }
+
+    pub(crate) fn device(&self) -> Device {
+        self.attention.out_proj_weight.device()
+    }
+
+    /// The variables under their swak `state_dict` keys (`attention.in_proj_weight`, ...).
+    pub(crate) fn variables(&self) -> Vec<(&'static str, Tensor)> {
+        let prefixed = |key| match key {
+            "in_proj_weight" => "attention.in_proj_weight",
+            "in_proj_bias" => "attention.in_proj_bias",
+            "out_proj.weight" => "attention.out_proj.weight",
+            _ => "attention.out_proj.bias",
+        };
+        self.attention.variables().into_iter().map(|(key, t)| (prefixed(key), t)).collect()
+    }
+
+    /// Validates `inp` and `mask`; `None` for an input without features, else the flattened batch.
+    fn batch(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Option<Batch>> {
+        mixer::check_input(inp, mask, self.mod_dim, None, self.kind(), self.device())?;
+        let shape = inp.size();
+        let (features, leading) = (shape[shape.len() - 2], shape[..shape.len() - 2].to_vec());
+        if features == 0 {
+            return Ok(None);
+        }
+        let mask = match mask {
+            Some(mask) => Some(self.attention.additive_mask(&mask.f_reshape([-1, features])?)?),
+            None => None,
+        };
+        Ok(Some(Batch { inp: inp.f_reshape([-1, features, self.mod_dim])?, mask, leading }))
+    }
+
+    /// The pooling along PyTorch's own op sequence ([`MultiheadAttention::output`] and
+    /// [`MultiheadAttention::weights`], averaged over the queries), for half precision under
+    /// autograd.
+    fn reference<A: Attend>(&self, batch: &Batch, dropout: f64, want: Want) -> Result<Mixed> {
+        let (n, _, d) = batch.inp.size3()?;
+        let query = A::query(n, d, self.kind(), self.device())?;
+        let (query, inp, mask) = (query.as_ref(), &batch.inp, batch.mask.as_ref());
+        let mean_over_queries = |t: Tensor| t.f_mean_dim(1, false, None::<Kind>);
+        let mixed = match want.output() {
+            true => Some(mean_over_queries(self.attention.output(query, inp, mask, dropout)?)?),
+            false => None,
+        };
+        let importance = match want.importance() {
+            true => Some(mean_over_queries(self.attention.weights(query, inp, mask)?)?),
+            false => None,
+        };
+        Ok(Mixed { mixed, importance })
+    }
+
+    /// Runs one attention mixer: the mixed features `(..., mod_dim)` (or `(..., 1, mod_dim)`
+    /// with `keep_dim`) and the importance `(..., n_features)`, as wanted.
+    pub(crate) fn mix<A: Attend>(
+        &self,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+        want: Want,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let Some(batch) = self.batch(inp, mask)? else {
+            let shape = inp.size();
+            let none = Tensor::f_zeros(&shape[..shape.len() - 1], (self.kind(), self.device()))?;
+            let mixed = mixer::without_features(inp, self.config.keep_dim)?;
+            return Ok((want.output().then_some(mixed), want.importance().then_some(none)));
+        };
+        let AttentionConfig { dropout, skip, keep_dim, .. } = self.config;
+        let p = if train { dropout } else { 0.0 };
+        // The pooling adds the skip term itself where no output dropout comes between.
+        let reference = mode::use_reference(self.kind());
+        let skip_inside = skip && p == 0.0 && !reference;
+        let Mixed { mixed, importance } = match reference {
+            true => self.reference::<A>(&batch, p, want)?,
+            false => {
+                let request = Request { want, skip: skip_inside, dropout: p };
+                self.attention.pooled::<A>(&batch.inp, batch.mask.as_ref(), request)?
+            }
+        };
+        let leading = |last: i64| batch.leading.iter().copied().chain([last]).collect::<Vec<_>>();
+        let mixed = match mixed {
+            Some(mixed) => {
+                let mut shape = leading(1);
+                shape.push(self.mod_dim);
+                let skip_after = skip && !skip_inside;
+                let mixed = mixed.f_reshape(shape)?;
+                Some(mixer::finish(mixed, inp, dropout, skip_after, keep_dim, train)?)
+            }
+            None => None,
+        };
+        let importance = match importance {
+            Some(importance) => Some(importance.f_reshape(leading(importance.size()[1]))?),
+            None => None,
+        };
+        Ok((mixed, importance))
+    }
+}
+
+/// Implements [`crate::Mixer`] (and tch's `ModuleT`) for an attention mixer `$name` with a
+/// field `core: AttentionCore` and an [`Attend`] implementation: everything but the attending
+/// is the core's.
+macro_rules! impl_attention_mixer {
+    ($name:ident) => {
+        impl $crate::Mixer for $name {
+            fn mod_dim(&self) -> i64 {
+                self.core.mod_dim
+            }
+
+            fn device(&self) -> tch::Device {
+                self.core.device()
+            }
+
+            fn kind(&self) -> tch::Kind {
+                self.core.kind()
+            }
+
+            fn skip(&self) -> bool {
+                self.core.config.skip
+            }
+
+            fn keep_dim(&self) -> bool {
+                self.core.config.keep_dim
+            }
+
+            fn dropout(&self) -> f64 {
+                self.core.config.dropout
+            }
+
+            fn f_forward_t(
+                &self,
+                inp: &tch::Tensor,
+                mask: Option<&tch::Tensor>,
+                train: bool,
+            ) -> $crate::Result<tch::Tensor> {
+                let want = $crate::attention::Want::Output;
+                let (mixed, _) = self.core.mix::<Self>(inp, mask, train, want)?;
+                Ok(mixed.expect("asked for"))
+            }
+
+            fn f_importance(
+                &self,
+                inp: &tch::Tensor,
+                mask: Option<&tch::Tensor>,
+            ) -> $crate::Result<tch::Tensor> {
+                let want = $crate::attention::Want::Importance;
+                let (_, importance) = self.core.mix::<Self>(inp, mask, false, want)?;
+                Ok(importance.expect("asked for"))
+            }
+
+            fn f_forward_and_importance_t(
+                &self,
+                inp: &tch::Tensor,
+                mask: Option<&tch::Tensor>,
+                train: bool,
+            ) -> $crate::Result<(tch::Tensor, tch::Tensor)> {
+                let want = $crate::attention::Want::Both;
+                let (mixed, importance) = self.core.mix::<Self>(inp, mask, train, want)?;
+                Ok((mixed.expect("asked for"), importance.expect("asked for")))
+            }
+
+            fn reset_parameters(&mut self) -> $crate::Result<()> {
+                self.core.attention.reset_parameters()
+            }
+
+            fn variables(&self) -> Vec<(&'static str, tch::Tensor)> {
+                self.core.variables()
+            }
+
+            fn fresh(&self, path: &tch::nn::Path) -> $crate::Result<Self> {
+                let core = $crate::attention::AttentionCore::new(
+                    path,
+                    self.core.mod_dim,
+                    self.core.config,
+                    self.core.kind(),
+                    self.core.device(),
+                )?;
+                Ok(Self { core })
+            }
+        }
+
+        $crate::mixer::impl_module_t!($name);
+    };
+}
+pub(crate) use impl_attention_mixer;

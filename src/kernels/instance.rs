@@ -1,0 +1,115 @@
+//! The InstanceWeightsMixer in one pass over each instance: the projection's scores, the
+//! softmax and the weighted sum together.
+
+use std::ops::Range;
+
+use tch::{Device, Tensor};
+
+use super::math::{dot, dot4, softmax, weighted_rows, Element};
+use super::memory::{split_planes, Views};
+use super::team::{self, Kernel};
+use super::{applies, dispatch, Shape};
+use crate::error::Result;
+
+/// Elements of an instance's flattened features per tile of the kernel.
+const TILE: usize = 1024;
+
+/// InstanceWeightsMixer in one pass: `importance[n] = softmax(W x[n].flatten() + b)` and
+/// `mixed[n] = sum_f (importance[n, f] + fold) x[n, f]`, where `fold` is `1/F` (skip folded in)
+/// or 0. `x`: `(N, F, D)`, `weight`: `(F, F D)`, `bias`: `(F,)`; returns `((N, D), (N, F))`,
+/// or `None` where [`applies`] is false.
+pub(crate) fn instance(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    fold: bool,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let mut tensors = vec![x, weight];
+    tensors.extend(bias);
+    if !applies(&tensors) {
+        return Ok(None);
+    }
+    let (n, f, d) = x.size3()?;
+    let options = (x.kind(), Device::Cpu);
+    let (mut mixed, mut importance) =
+        (Tensor::f_empty([n, d], options)?, Tensor::f_empty([n, f], options)?);
+    let (x, weight) = (super::resolved(x)?, super::resolved(weight)?);
+    let bias = bias.map(super::resolved).transpose()?;
+    let shape = Shape::of(n, f, d);
+    dispatch!(x.kind(), |T| {
+        let mut views = Views::default();
+        let (x, w) = (views.read::<T>(&x)?, views.read::<T>(&weight)?);
+        let b = bias.as_ref().map(|b| views.read::<T>(b)).transpose()?;
+        let mixed = views.write::<T>(&mut mixed)?;
+        let importance = views.write::<T>(&mut importance)?;
+        let job = Instance { shape, x, w, b, fold };
+        let per = team::part_size(shape.n);
+        let mixed = split_planes(mixed, 1, shape.n, shape.d, per);
+        let importance = split_planes(importance, 1, shape.n, shape.f, per);
+        let parts = mixed.into_iter().zip(importance).map(|(m, mut i)| (m, i.remove(0)));
+        team::run(&job, team::ranges(shape.n, per).zip(parts).collect());
+    });
+    Ok(Some((mixed, importance)))
+}
+
+struct Instance<'a, T> {
+    shape: Shape,
+    x: &'a [T],
+    w: &'a [T],
+    b: Option<&'a [T]>,
+    /// Whether the skip term is folded into the weights.
+    fold: bool,
+}
+
+impl<'a, T: Element> Kernel for Instance<'a, T> {
+    /// The mixed vectors (one plane) and the importance of the part's instances.
+    type Part = (Vec<&'a mut [T]>, &'a mut [T]);
+
+    #[inline(always)]
+    fn run<const FMA: bool>(&self, range: Range<usize>, (mut mixed, importance): Self::Part) {
+        let Shape { f, d, .. } = self.shape;
+        let fold = if self.fold { T::from_f64(1.0 / f as f64) } else { T::ZERO };
+        let size = f * d;
+        // Four instances at a time, their features in tiles that stay in the L1 cache while
+        // every row of the projection (too large for L1 as a whole) passes them: each tile of
+        // the projection is then read from L2 once per four instances instead of once per
+        // instance.
+        let tile = TILE.min(size);
+        let mut scores = vec![T::ZERO; 4 * f];
+        let mut start = range.start;
+        while start < range.end {
+            let count = (range.end - start).min(4);
+            let x = &self.x[start * size..(start + count) * size];
+            for scores in scores.chunks_exact_mut(f).take(count) {
+                for (g, score) in scores.iter_mut().enumerate() {
+                    *score = self.b.map_or(T::ZERO, |b| b[g]);
+                }
+            }
+            for t in (0..size).step_by(tile) {
+                let end = (t + tile).min(size);
+                for (g, w) in self.w.chunks_exact(size).enumerate() {
+                    let w = &w[t..end];
+                    if count == 4 {
+                        let xs = std::array::from_fn(|j| &x[j * size + t..j * size + end]);
+                        for (j, partial) in dot4::<T, FMA>(w, xs).into_iter().enumerate() {
+                            scores[j * f + g] += partial;
+                        }
+                    } else {
+                        for (j, x) in x.chunks_exact(size).enumerate() {
+                            scores[j * f + g] += dot::<T, FMA>(w, &x[t..end]);
+                        }
+                    }
+                }
+            }
+            let instances = scores.chunks_exact_mut(f).zip(x.chunks_exact(size));
+            for (k, (weights, x)) in instances.enumerate() {
+                let j = start - range.start + k;
+                softmax(weights);
+                importance[j * f..(j + 1) * f].copy_from_slice(weights);
+                weights.iter_mut().for_each(|w| *w += fold);
+                weighted_rows::<T, FMA>(&mut mixed, j, weights, x, d);
+            }
+            start += count;
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! The arithmetic the kernels share: the element types, dot products in independent chains of
+//! sums (which the compiler keeps in vector registers), the softmax, and weighted sums of rows.
+//! All of it is `#[inline(always)]`, so that it is compiled into each build of each kernel.
+
+use std::ops::{Add, AddAssign, Div, Mul, Sub};
+
+use tch::Kind;
+
+/// f32 or f64.
+pub(crate) trait Element:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + AddAssign
+    + 'static
+{
+    /// The libtorch dtype of this element type.
+    const KIND: Kind;
+    const ZERO: Self;
+    const NEG_INFINITY: Self;
+    fn from_f64(value: f64) -> Self;
+    fn exp(self) -> Self;
+    /// `self * a + b`, rounded once.
+    fn mul_add(self, a: Self, b: Self) -> Self;
+}
+
+impl Element for f32 {
+    const KIND: Kind = Kind::Float;
+    const ZERO: Self = 0.0;
+    const NEG_INFINITY: Self = f32::NEG_INFINITY;
+    fn from_f64(value: f64) -> Self {
+        value as f32
+    }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f32::mul_add(self, a, b)
+    }
+}
+
+impl Element for f64 {
+    const KIND: Kind = Kind::Double;
+    const ZERO: Self = 0.0;
+    const NEG_INFINITY: Self = f64::NEG_INFINITY;
+    fn from_f64(value: f64) -> Self {
+        value
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f64::mul_add(self, a, b)
+    }
+}
+
+/// `sum_i a[i] b[i]`, in four independent 8-lane partial sums, small enough for the compiler to
+/// keep in vector registers.
+#[inline(always)]
+pub(crate) fn dot<T: Element, const FMA: bool>(a: &[T], b: &[T]) -> T {
+    let (mut s0, mut s1, mut s2, mut s3) = ([T::ZERO; 8], [T::ZERO; 8], [T::ZERO; 8], [T::ZERO; 8]);
+    let (a_body, b_body) = (a.chunks_exact(32), b.chunks_exact(32));
+    let (a_tail, b_tail) = (a_body.remainder(), b_body.remainder());
+    for (a, b) in a_body.zip(b_body) {
+        for l in 0..8 {
+            s0[l] = madd::<T, FMA>(s0[l], a[l], b[l]);
+            s1[l] = madd::<T, FMA>(s1[l], a[8 + l], b[8 + l]);
+            s2[l] = madd::<T, FMA>(s2[l], a[16 + l], b[16 + l]);
+            s3[l] = madd::<T, FMA>(s3[l], a[24 + l], b[24 + l]);
+        }
+    }
+    let mut sum = T::ZERO;
+    for (a, b) in a_tail.iter().zip(b_tail) {
+        sum += *a * *b;
+    }
+    for l in 0..8 {
+        sum += (s0[l] + s1[l]) + (s2[l] + s3[l]);
+    }
+    sum
+}
+
+/// `[w . x[0], .., w . x[3]]`: [`dot`] of one vector with four, `w` read once for all four,
+/// in eight independent chains of sums.
+#[inline(always)]
+pub(crate) fn dot4<T: Element, const FMA: bool>(w: &[T], x: [&[T]; 4]) -> [T; 4] {
+    let (mut s0, mut s1, mut s2, mut s3) = ([T::ZERO; 8], [T::ZERO; 8], [T::ZERO; 8], [T::ZERO; 8]);
+    let (mut t0, mut t1, mut t2, mut t3) = ([T::ZERO; 8], [T::ZERO; 8], [T::ZERO; 8], [T::ZERO; 8]);
+    let n = w.len() / 16 * 16;
+    let [x0, x1, x2, x3] = x.map(|x| &x[..n]);
+    let chunks = w[..n].chunks_exact(16).zip(x0.chunks_exact(16)).zip(x1.chunks_exact(16));
+    for (((w, a), b), (c, e)) in chunks.zip(x2.chunks_exact(16).zip(x3.chunks_exact(16))) {
+        for l in 0..8 {
+            s0[l] = madd::<T, FMA>(s0[l], w[l], a[l]);
+            s1[l] = madd::<T, FMA>(s1[l], w[l], b[l]);
+            s2[l] = madd::<T, FMA>(s2[l], w[l], c[l]);
+            s3[l] = madd::<T, FMA>(s3[l], w[l], e[l]);
+            t0[l] = madd::<T, FMA>(t0[l], w[8 + l], a[8 + l]);
+            t1[l] = madd::<T, FMA>(t1[l], w[8 + l], b[8 + l]);
+            t2[l] = madd::<T, FMA>(t2[l], w[8 + l], c[8 + l]);
+            t3[l] = madd::<T, FMA>(t3[l], w[8 + l], e[8 + l]);
+        }
+    }
+    let mut sums = [T::ZERO; 4];
+    for (j, (s, t)) in [(s0, t0), (s1, t1), (s2, t2), (s3, t3)].into_iter().enumerate() {
+        for (&w, &x) in w[n..].iter().zip(&x[j][n..]) {
+            sums[j] += w * x;
+        }
+        for l in 0..8 {
+            sums[j] += s[l] + t[l];
+        }
+    }
+    sums
+}
+
+/// `acc + a b`: one fused multiply-add where `FMA` (the builds for processors that have it),
+/// else a product and a sum.
+#[inline(always)]
+pub(crate) fn madd<T: Element, const FMA: bool>(acc: T, a: T, b: T) -> T {
+    if FMA {
+        a.mul_add(b, acc)
+    } else {
+        acc + a * b
+    }
+}
+
+/// `o += a * x`.
+#[inline(always)]
+pub(crate) fn axpy<T: Element, const FMA: bool>(o: &mut [T], a: T, x: &[T]) {
+    for (o, &x) in o.iter_mut().zip(x) {
+        *o = madd::<T, FMA>(*o, a, x);
+    }
+}
+
+/// Softmax of `scores` in place; a row of nothing but -inf becomes all zeros.
+#[inline(always)]
+pub(crate) fn softmax<T: Element>(scores: &mut [T]) {
+    let max = scores.iter().fold(T::NEG_INFINITY, |m, &s| if s > m { s } else { m });
+    if max == T::NEG_INFINITY {
+        scores.iter_mut().for_each(|s| *s = T::ZERO);
+        return;
+    }
+    let mut total = T::ZERO;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        total += *s;
+    }
+    for s in scores.iter_mut() {
+        *s = *s / total;
+    }
+}
+
+/// Columns of the features one register-blocked step of [`weighted_rows`] covers.
+pub(crate) const SLAB: usize = 8;
+
+/// `SLAB` elements of `x` from `start`, as an array (so that loops over it need no bounds checks).
+#[inline(always)]
+pub(crate) fn slab<T>(x: &[T], start: usize) -> &[T; SLAB] {
+    x[start..start + SLAB].try_into().expect("a slab of SLAB elements")
+}
+
+/// Weighted sums of the stacked features `x` (`F x D`) of the `j`-th instance of a part, one
+/// per row of `weights` (`R x F`): `planes[r][j D..(j + 1) D] = sum_f weights[r F + f] x[f]`.
+/// Each slab of `x` is read once for four rows at a time, while their partial sums stay in
+/// registers.
+#[inline(always)]
+pub(crate) fn weighted_rows<T: Element, const FMA: bool>(
+    planes: &mut [&mut [T]],
+    j: usize,
+    weights: &[T],
+    x: &[T],
+    d: usize,
+) {
+    let f = x.len() / d.max(1);
+    let rows = weights.len() / f.max(1);
+    let span = j * d..(j + 1) * d;
+    if rows == 1 {
+        // One row streams the features in order, which the prefetcher follows best.
+        let out = &mut planes[0][span];
+        out.iter_mut().for_each(|o| *o = T::ZERO);
+        for (&w, xr) in weights.iter().zip(x.chunks_exact(d)) {
+            axpy::<T, FMA>(out, w, xr);
+        }
+        return;
+    }
+    let mut r = 0;
+    while r < rows {
+        let w = &weights[r * f..];
+        let mut outs = planes[r..].iter_mut().map(|plane| &mut plane[span.clone()]);
+        let mut next = || outs.next().expect("a plane for every row of weights");
+        r += match rows - r {
+            1 => weighted_rows_n::<T, FMA, 1>(std::array::from_fn(|_| next()), w, x, d),
+            2 => weighted_rows_n::<T, FMA, 2>(std::array::from_fn(|_| next()), w, x, d),
+            3 => weighted_rows_n::<T, FMA, 3>(std::array::from_fn(|_| next()), w, x, d),
+            _ => weighted_rows_n::<T, FMA, 4>(std::array::from_fn(|_| next()), w, x, d),
+        };
+    }
+}
+
+/// [`weighted_rows`] for `R` rows; returns `R`.
+#[inline(always)]
+fn weighted_rows_n<T: Element, const FMA: bool, const R: usize>(
+    outs: [&mut [T]; R],
+    weights: &[T],
+    x: &[T],
+    d: usize,
+) -> usize {
+    let f = x.len() / d;
+    let weights: [&[T]; R] = std::array::from_fn(|r| &weights[r * f..(r + 1) * f]);
+    let body = d / SLAB * SLAB;
+    for c in (0..body).step_by(SLAB) {
+        let mut acc = [[T::ZERO; SLAB]; R];
+        for (feature, row) in x.chunks_exact(d).enumerate() {
+            let xs = slab(row, c);
+            let ws: [T; R] = std::array::from_fn(|r| weights[r][feature]);
+            for (acc, w) in acc.iter_mut().zip(ws) {
+                for l in 0..SLAB {
+                    acc[l] = madd::<T, FMA>(acc[l], w, xs[l]);
+                }
+            }
+        }
+        for r in 0..R {
+            outs[r][c..c + SLAB].copy_from_slice(&acc[r]);
+        }
+    }
+    for c in body..d {
+        for r in 0..R {
+            let column = x.chunks_exact(d).map(|row| row[c]);
+            outs[r][c] =
+                weights[r].iter().zip(column).fold(T::ZERO, |s, (&w, x)| madd::<T, FMA>(s, w, x));
+        }
+    }
+    R
+}

@@ -1,0 +1,123 @@
+//! Raw memory: the elements of libtorch tensors as Rust slices, their division among the parts
+//! of a batch, and cache prefetches.
+//!
+//! One of the two places with `unsafe` code (the other is [`super::team`]). Every tensor goes
+//! through [`Views`], which checks what the slices rely on: a contiguous CPU tensor of the
+//! slice's element type, with no lazy negation (real tensors have no lazy conjugation), and no
+//! written tensor that overlaps any other tensor of the same call.
+
+use std::ops::Range;
+
+use tch::{Device, Tensor};
+
+use super::math::Element;
+use crate::error::{MixError, Result};
+
+/// The slices of one kernel call: what each hands out is recorded, so that a written slice
+/// never overlaps another slice of the call.
+#[derive(Default)]
+pub(crate) struct Views {
+    /// `(bytes, written)` of every slice handed out so far.
+    taken: Vec<(Range<usize>, bool)>,
+}
+
+impl Views {
+    /// The elements of `t`, to read.
+    pub(crate) fn read<'t, T: Element>(&mut self, t: &'t Tensor) -> Result<&'t [T]> {
+        let (ptr, len) = self.check::<T>(t, false)?;
+        if len == 0 {
+            return Ok(&[]); // an empty tensor may have no storage at all (a null data pointer)
+        }
+        // SAFETY: `check` made sure that `t` is a contiguous CPU tensor of `len` elements of
+        // type `T` (no lazy negation) and that no slice of this call writes to its bytes; the
+        // slice borrows `t`, whose handle keeps the storage alive.
+        Ok(unsafe { std::slice::from_raw_parts(ptr as *const T, len) })
+    }
+
+    /// The elements of `t`, to write. `t` must be a buffer that this call allocated (fresh or
+    /// from a [`super::Scratch`]), so that nothing outside the call reads it meanwhile.
+    pub(crate) fn write<'t, T: Element>(&mut self, t: &'t mut Tensor) -> Result<&'t mut [T]> {
+        let (ptr, len) = self.check::<T>(t, true)?;
+        if len == 0 {
+            return Ok(&mut []);
+        }
+        // SAFETY: as in `read`; in addition `check` made sure that no other slice of this call
+        // overlaps these bytes, and the slice borrows the handle `t` exclusively.
+        Ok(unsafe { std::slice::from_raw_parts_mut(ptr as *mut T, len) })
+    }
+
+    /// Checks `t` for a slice of `T` and records its bytes; returns its data pointer and length.
+    fn check<T: Element>(&mut self, t: &Tensor, written: bool) -> Result<(usize, usize)> {
+        let fits = t.device() == Device::Cpu && t.is_contiguous() && !t.is_neg();
+        if t.kind() != T::KIND || !fits {
+            return Err(MixError::Kind {
+                what: "kernel tensor",
+                expected: format!("a contiguous, resolved CPU tensor of {:?}", T::KIND),
+                got: t.kind(),
+            });
+        }
+        let len = t.numel();
+        if len == 0 {
+            return Ok((0, 0));
+        }
+        let start = t.data_ptr() as usize;
+        let bytes = start..start + len * std::mem::size_of::<T>();
+        let overlaps = |other: &Range<usize>| bytes.start < other.end && other.start < bytes.end;
+        if self.taken.iter().any(|(other, w)| (written || *w) && overlaps(other)) {
+            return Err(MixError::Config(
+                "a kernel's output overlaps another of its tensors".to_string(),
+            ));
+        }
+        self.taken.push((bytes, written));
+        Ok((start, len))
+    }
+}
+
+/// Splits `out`, laid out as `planes` planes of `n` rows of `width` elements (`(P, n, width)`),
+/// into the parts of consecutive ranges of `per` rows (see [`super::team::ranges`]): part `t`
+/// holds, for every plane, the rows of its range. Parts never overlap, so each can go to
+/// another thread.
+pub(crate) fn split_planes<T>(
+    out: &mut [T],
+    planes: usize,
+    n: usize,
+    width: usize,
+    per: usize,
+) -> Vec<Vec<&mut [T]>> {
+    debug_assert_eq!(out.len(), planes * n * width);
+    let per = per.max(1);
+    let mut split: Vec<Vec<&mut [T]>> =
+        (0..n.div_ceil(per)).map(|_| Vec::with_capacity(planes)).collect();
+    let mut rest = out;
+    for _ in 0..planes {
+        let (mut plane, tail) = std::mem::take(&mut rest).split_at_mut(n * width);
+        rest = tail;
+        for part in split.iter_mut() {
+            let at = (per * width).min(plane.len());
+            let (rows, tail) = std::mem::take(&mut plane).split_at_mut(at);
+            part.push(rows);
+            plane = tail;
+        }
+    }
+    split
+}
+
+/// Asks the processor to bring `x` into the L2 cache ahead of its use (x86-64; a no-op
+/// elsewhere).
+#[inline(always)]
+pub(crate) fn prefetch<T>(x: Option<&[T]>) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(x) = x {
+        let line = 64 / std::mem::size_of::<T>();
+        for start in (0..x.len()).step_by(line) {
+            // SAFETY: a prefetch only hints the cache; the address lies inside `x`.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                    x.as_ptr().add(start) as *const i8,
+                )
+            };
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! How a kernel runs: its batch split into parts, the parts on libtorch's own OpenMP team (or
+//! on scoped threads where no OpenMP runtime is loaded), each part in the widest build of the
+//! kernel the processor supports.
+//!
+//! One of the two places with `unsafe` code (the other is [`super::memory`]): the libgomp
+//! entry point, looked up with `dlsym` and called through C, and the call of the AVX2 + FMA
+//! builds of the kernels.
+
+use std::ops::Range;
+use std::sync::Mutex;
+
+/// Instances per thread below which the work stays on the calling thread.
+const MIN_INSTANCES_PER_THREAD: usize = 32;
+
+/// A kernel: work over a range of instances that writes only its own part of the outputs.
+pub(crate) trait Kernel: Sync {
+    /// The outputs of one range of instances, disjoint from every other range's.
+    type Part: Send;
+
+    /// Runs the kernel over `range`, writing `part`; with fused multiply-adds where `FMA`.
+    /// Implementations are `#[inline(always)]`, so that each build compiles them anew.
+    fn run<const FMA: bool>(&self, range: Range<usize>, part: Self::Part);
+}
+
+/// The number of instances in each part of a batch of `n`: the batch splits over up to
+/// `tch::get_num_threads()` threads, each with at least [`MIN_INSTANCES_PER_THREAD`].
+pub(crate) fn part_size(n: usize) -> usize {
+    let threads = (tch::get_num_threads().max(1) as usize).min(n / MIN_INSTANCES_PER_THREAD).max(1);
+    n.div_ceil(threads).max(1)
+}
+
+/// The ranges of instances of a batch of `n` in parts of `per` (see [`part_size`]).
+pub(crate) fn ranges(n: usize, per: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..n).step_by(per.max(1)).map(move |start| start..(start + per).min(n))
+}
+
+/// Runs `kernel` over every `(range, part)`, the caller's thread taking a share. The parts run
+/// on libtorch's OpenMP workers where its runtime is present: a second set of threads would
+/// compete with them, since OpenMP workers spin for a while after every libtorch op.
+pub(crate) fn run<K: Kernel>(kernel: &K, parts: Vec<(Range<usize>, K::Part)>) {
+    if parts.len() <= 1 {
+        parts.into_iter().for_each(|(range, part)| run_one(kernel, range, part));
+        return;
+    }
+    let count = parts.len();
+    // Each part is taken exactly once, by whichever thread gets to its index first.
+    let parts: Vec<Mutex<Option<_>>> =
+        parts.into_iter().map(|part| Mutex::new(Some(part))).collect();
+    let take = |t: usize| {
+        let part = parts[t].lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        if let Some((range, part)) = part {
+            run_one(kernel, range, part);
+        }
+    };
+    if openmp::run(count, &take) {
+        return;
+    }
+    std::thread::scope(|scope| {
+        for t in 1..count {
+            let take = &take;
+            scope.spawn(move || take(t));
+        }
+        take(0);
+    });
+}
+
+/// Runs one part in the AVX2 + FMA build where the processor has them.
+fn run_one<K: Kernel>(kernel: &K, range: Range<usize>, part: K::Part) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if wide_simd() {
+            // SAFETY: the processor supports the features `run_wide` is compiled for.
+            return unsafe { run_wide(kernel, range, part) };
+        }
+        kernel.run::<false>(range, part)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    kernel.run::<{ cfg!(target_feature = "fma") }>(range, part)
+}
+
+/// The AVX2 + FMA build of a kernel (its `run` is inlined here), with fused multiply-adds.
+///
+/// # Safety
+/// The processor must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_wide<K: Kernel>(kernel: &K, range: Range<usize>, part: K::Part) {
+    kernel.run::<true>(range, part)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn wide_simd() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// libtorch's OpenMP runtime (libgomp in PyTorch's Linux wheels, or a runtime that speaks its
+/// ABI), looked up in the running process.
+mod openmp {
+    use std::ffi::{c_char, c_uint, c_void};
+    use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Mutex, OnceLock};
+
+    type Parallel =
+        unsafe extern "C" fn(unsafe extern "C" fn(*mut c_void), *mut c_void, c_uint, c_uint);
+
+    extern "C" {
+        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+    }
+
+    /// `GOMP_parallel`, where it is loaded.
+    fn runtime() -> Option<Parallel> {
+        static RUNTIME: OnceLock<Option<Parallel>> = OnceLock::new();
+        *RUNTIME.get_or_init(|| {
+            // SAFETY: dlsym with RTLD_DEFAULT (null) only looks the symbol up.
+            let symbol = unsafe { dlsym(std::ptr::null_mut(), c"GOMP_parallel".as_ptr()) };
+            (!symbol.is_null()).then(|| {
+                // SAFETY: `GOMP_parallel` has this signature in libgomp's ABI, and it stays
+                // loaded with libtorch for the life of the process.
+                unsafe { std::mem::transmute::<*mut c_void, Parallel>(symbol) }
+            })
+        })
+    }
+
+    /// What the members of a team share: the parts to run, the next part to take, and a panic.
+    struct Team<'a> {
+        part: &'a (dyn Fn(usize) + Sync),
+        parts: usize,
+        next: AtomicUsize,
+        panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    }
+
+    /// One OpenMP thread's share: parts taken in turn until none is left, so that a team of any
+    /// size (a nested region gets one thread) runs every part once.
+    ///
+    /// # Safety
+    /// `data` must point to a `Team` that outlives the call.
+    unsafe extern "C" fn member(data: *mut c_void) {
+        // SAFETY: `data` is the `Team` that `run` keeps alive until every member has returned.
+        let team = unsafe { &*(data as *const Team<'_>) };
+        loop {
+            let t = team.next.fetch_add(1, Ordering::Relaxed);
+            if t >= team.parts {
+                return;
+            }
+            // A panic must not unwind into C: it is kept and resumed on the caller's thread.
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| (team.part)(t))) {
+                *team.panic.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(panic);
+            }
+        }
+    }
+
+    /// Runs `part(0)` .. `part(parts - 1)` on an OpenMP team of up to `parts` threads; false
+    /// (nothing run) where the process has no OpenMP runtime.
+    pub(super) fn run(parts: usize, part: &(dyn Fn(usize) + Sync)) -> bool {
+        let Some(parallel) = runtime() else {
+            return false;
+        };
+        let team = Team { part, parts, next: AtomicUsize::new(0), panic: Mutex::new(None) };
+        // SAFETY: `member` only reads `team` through shared references, and GOMP_parallel
+        // returns after every member of the team has finished, so `team` outlives them all.
+        unsafe { parallel(member, &team as *const Team<'_> as *mut c_void, parts as c_uint, 0) };
+        if let Some(panic) = team.panic.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            resume_unwind(panic);
+        }
+        true
+    }
+}
