@@ -2,7 +2,7 @@
 //! call, eval mode without autograd, f32 on the CPU, mod_dim 256, 16 features, 4 heads.
 //! (`scripts/bench` compares with swak; this tracks tch-mix's own changes.)
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_main, BenchmarkId, Criterion};
 use tch::{nn, Device, Kind, Tensor};
 use tch_mix::{
     AttentionConfig, CrossAttentionMixer, GlobalWeightsMixer, InstanceWeightsMixer, Mixer,
@@ -58,5 +58,10 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+// criterion's macro defines an undocumented `benches` function.
+#[allow(missing_docs)]
+mod group {
+    criterion::criterion_group!(benches, super::bench);
+}
+use group::benches;
 criterion_main!(benches);

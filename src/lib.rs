@@ -38,6 +38,7 @@ mod global;
 mod instance;
 mod kernels;
 mod mixer;
+#[allow(unsafe_code)] // reading libtorch's grad mode
 mod mode;
 mod self_attention;
 

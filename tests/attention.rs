@@ -116,6 +116,27 @@ fn fresh_and_reset_reinitialise_with_same_hyper_parameters() {
 }
 
 #[test]
+fn reset_parameters_redraws_out_proj_weight_like_nn_linear() {
+    // PyTorch's MultiheadAttention leaves out_proj.weight to nn.Linear's own init, which draws
+    // from U(-1/sqrt(D), 1/sqrt(D)); a reset draws it anew (and zeroes the biases).
+    tch::manual_seed(1);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let mut mix = CrossAttentionMixer::new(&vs.root(), 64, config(2, true, true, false)).unwrap();
+    let weight = mix.attention().out_proj_weight.shallow_clone();
+    let bias = mix.attention().out_proj_bias.as_ref().unwrap().shallow_clone();
+    let _ = tch::no_grad(|| (weight.shallow_clone().fill_(5.0), bias.shallow_clone().fill_(5.0)));
+    let before = weight.copy();
+    mix.reset_parameters().unwrap();
+    let bound = 1.0 / 64f64.sqrt();
+    let max = weight.abs().max().double_value(&[]);
+    assert!(max <= bound && max > 0.9 * bound, "max |w| = {max}, bound {bound}");
+    assert!(weight.std(true).double_value(&[]) > 0.5 * bound / 3f64.sqrt(), "not uniform");
+    assert_eq!(bias.abs().max().double_value(&[]), 0.0);
+    mix.reset_parameters().unwrap();
+    assert!((&weight - &before).abs().min().double_value(&[]) > 0.0, "not redrawn");
+}
+
+#[test]
 fn swak_usage_expectations() {
     for mix in ones_mixers(config(1, false, false, false)) {
         assert_close(&mix.f_forward_t(&ones(&[2, 4]), None, false).unwrap(), &(ones(&[4]) * 16.0));
@@ -240,11 +261,30 @@ fn float_mask_is_added_to_the_scores() {
         assert_close(&a, &mix.f_forward_t(&inp, Some(&additive), false).unwrap());
         let a = mix.f_importance(&inp, Some(&boolean)).unwrap();
         assert_close(&a, &mix.f_importance(&inp, Some(&additive)).unwrap());
-        // A finite float mask shifts the weights but masks nothing.
+        // A uniform shift of the scores changes no softmax.
         let shifted = mix
             .f_importance(&inp, Some(&Tensor::full([2, 3], 0.5, (Kind::Double, Device::Cpu))))
             .unwrap();
         assert_close(&shifted, &mix.f_importance(&inp, None).unwrap());
+        // A finite, uneven mask reweights every query's softmax over the keys by exp(mask):
+        // adding log(w) to one key's score multiplies its unnormalised weight by w.
+        let uneven = Tensor::from_slice(&[0.0, 2f64.ln(), -1.0, 1.5, 0.0, 3f64.ln()]).view([2, 3]);
+        let plain = mix.f_importance(&inp, None).unwrap();
+        let masked = mix.f_importance(&inp, Some(&uneven)).unwrap();
+        assert!((&masked - &plain).abs().max().double_value(&[]) > 1e-3, "{mix:?}: mask ignored");
+        if format!("{mix:?}").starts_with("CrossAttentionMixer") {
+            // One query and one head: the importance is that one softmax.
+            let expected = &plain * uneven.exp();
+            let expected = &expected / expected.sum_dim_intlist(-1, true, None::<Kind>);
+            assert_close(&masked, &expected);
+        }
+        // The inference kernels and the autograd path (the weights require grad) add it alike.
+        let (out, importance) = mix.f_forward_and_importance_t(&inp, Some(&uneven), false).unwrap();
+        let (fast_out, fast_importance) =
+            tch::no_grad(|| mix.f_forward_and_importance_t(&inp, Some(&uneven), false)).unwrap();
+        assert_close(&out, &fast_out);
+        assert_close(&importance, &fast_importance);
+        assert_close(&importance, &masked);
     }
 }
 
@@ -349,10 +389,9 @@ fn bad_input_and_mask_are_errors() {
 }
 
 #[test]
+#[ignore = "needs a CUDA device: scripts/device_check runs it with --ignored"]
 fn runs_on_cuda_like_on_cpu() {
-    let Some(cuda) = common::cuda_or_skip("runs_on_cuda_like_on_cpu") else {
-        return;
-    };
+    let cuda = common::cuda();
     let config = config(2, true, true, false);
     let mut gpu_vs = nn::VarStore::new(cuda);
     gpu_vs.set_kind(Kind::Double);

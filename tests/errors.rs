@@ -67,10 +67,9 @@ fn input_dtype_must_match_the_mixer() {
 }
 
 #[test]
+#[ignore = "needs a CUDA device: scripts/device_check runs it with --ignored"]
 fn input_device_must_match_the_mixer() {
-    let Some(cuda) = common::cuda_or_skip("input_device_must_match_the_mixer") else {
-        return;
-    };
+    let cuda = common::cuda();
     let vs = nn::VarStore::new(Device::Cpu);
     let mut all = mixers(&vs);
     all.push(Box::new(

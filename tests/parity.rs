@@ -59,10 +59,9 @@ fn every_fixture_passes_on_cpu() {
 }
 
 #[test]
+#[ignore = "needs a CUDA device: scripts/device_check runs it with --ignored"]
 fn every_fixture_passes_on_cuda() {
-    let Some(cuda) = common::cuda_or_skip("every_fixture_passes_on_cuda") else {
-        return;
-    };
+    let cuda = common::cuda();
     check_all(cuda);
 }
 

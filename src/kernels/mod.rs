@@ -14,8 +14,10 @@
 mod cross;
 mod instance;
 mod math;
+#[allow(unsafe_code)] // raw views of tensors' memory
 mod memory;
 mod self_attention;
+#[allow(unsafe_code)] // libgomp through C, and the SIMD builds
 mod team;
 mod weighted;
 

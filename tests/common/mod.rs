@@ -28,12 +28,10 @@ pub fn assert_close(actual: &Tensor, expected: &Tensor) {
     assert!(max <= 1e-6, "max abs difference {max}: {actual} vs {expected}");
 }
 
-/// The first CUDA device, or `None` with a note on stderr saying why the test is skipped.
-pub fn cuda_or_skip(test: &str) -> Option<Device> {
-    if tch::Cuda::is_available() {
-        Some(Device::Cuda(0))
-    } else {
-        eprintln!("SKIPPED {test}: no CUDA device on this machine");
-        None
-    }
+/// The first CUDA device, for the tests marked `#[ignore]` that need one (run with
+/// `--ignored` on a GPU machine, as `scripts/device_check` does); a failure without one, so
+/// that a CUDA test never passes without having run.
+pub fn cuda() -> Device {
+    assert!(tch::Cuda::is_available(), "this test needs a CUDA device and found none");
+    Device::Cuda(0)
 }

@@ -98,6 +98,7 @@ fn median_ms(
 
 /// Peak resident memory (VmHWM) growth of one call in MiB, on Linux; the kernel's peak counter is
 /// reset through /proc/self/clear_refs first. Run after the timings: it changes the allocator.
+#[allow(unsafe_code)] // glibc's allocator settings, for the measurement only
 fn peak_extra_mib(call: impl FnOnce() -> tch_mix::Result<()>) -> Result<Option<f64>> {
     let read = |field: &str| -> Option<f64> {
         let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -26,6 +26,7 @@ const USAGE: &str = "usage:
       Times forward, importance and both in one call (eval, no grad) on a (B, F, D) input:
       the median of R calls after warm-up. The last line is machine-readable.";
 
+#[allow(unsafe_code)] // the signal disposition, set once at start-up
 fn main() -> ExitCode {
     // Die quietly like other Unix tools when the reader of our output goes away (`| head`).
     // SAFETY: restores the default action of SIGPIPE before any thread or output exists.
