@@ -9,7 +9,7 @@
 //! - [`team`]: how a kernel runs (parts of the batch on libtorch's OpenMP team, SIMD builds);
 //! - [`memory`]: tensors as slices, and their division among the parts;
 //! - [`math`]: the arithmetic the kernels share;
-//! - one file per kernel: [`weighted`], [`cross`], [`instance`], [`self_attention`].
+//! - one file per kernel: [`weighted`], [`mod@cross`], [`mod@instance`], [`self_attention`].
 
 mod cross;
 mod instance;
