@@ -5,9 +5,9 @@
 //! key vector `u_h = W_k,h^T q_h` and `q = W_q 1 + b_q`; `c_h` is the same for every feature
 //! and cancels in the softmax. The scores are then one dot product per head and feature.
 
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
-use crate::attention::{self, Attend, AttentionConfig, AttentionCore, Derived, KeyWeights};
+use crate::attention::{self, Attend, AttentionCore, Derived, KeyWeights};
 use crate::error::Result;
 use crate::kernels::{self, Scratch};
 use crate::MultiheadAttention;
@@ -45,26 +45,6 @@ use crate::MultiheadAttention;
 #[derive(Debug)]
 pub struct CrossAttentionMixer {
     core: AttentionCore,
-}
-
-impl CrossAttentionMixer {
-    /// Creates the mixer with its variables `attention.in_proj_weight`, `attention.in_proj_bias`,
-    /// `attention.out_proj.weight` and `attention.out_proj.bias` under `path`, in the VarStore's
-    /// dtype and device, initialised like PyTorch's `nn.MultiheadAttention`.
-    pub fn new(path: &nn::Path, mod_dim: i64, config: AttentionConfig) -> Result<Self> {
-        let core = AttentionCore::new(path, mod_dim, config, path.kind(), path.device())?;
-        Ok(Self { core })
-    }
-
-    /// The hyper-parameters.
-    pub fn config(&self) -> AttentionConfig {
-        self.core.config
-    }
-
-    /// The attention module (its tensors are public).
-    pub fn attention(&self) -> &MultiheadAttention {
-        &self.core.attention
-    }
 }
 
 impl Attend for CrossAttentionMixer {
@@ -105,18 +85,13 @@ impl Attend for CrossAttentionMixer {
     }
 
     fn kernel(
-        attention: &MultiheadAttention,
+        _: &MultiheadAttention,
         derived: &Derived,
         inp: &Tensor,
         mask: Option<&Tensor>,
         output: bool,
         scratch: &mut Scratch,
     ) -> Result<Option<KeyWeights>> {
-        let mut tensors = vec![inp, &attention.in_proj_weight];
-        tensors.extend(mask);
-        if !kernels::applies(&tensors) {
-            return Ok(None);
-        }
         kernels::cross(inp, key_vectors(derived), mask, output, scratch)
     }
 }

@@ -4,11 +4,9 @@
 //! cannot avoid; the `F x F` scores of every query against every key; and the mean over the
 //! queries, which turns them into one weight per head and key.
 
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
-use crate::attention::{
-    self, Attend, AttentionConfig, AttentionCore, Derived, KeyWeights, LARGE_BATCH,
-};
+use crate::attention::{self, Attend, AttentionCore, Derived, KeyWeights, LARGE_BATCH};
 use crate::error::Result;
 use crate::kernels::{self, Scratch};
 use crate::MultiheadAttention;
@@ -45,26 +43,6 @@ use crate::MultiheadAttention;
 #[derive(Debug)]
 pub struct SelfAttentionMixer {
     core: AttentionCore,
-}
-
-impl SelfAttentionMixer {
-    /// Creates the mixer with its variables `attention.in_proj_weight`, `attention.in_proj_bias`,
-    /// `attention.out_proj.weight` and `attention.out_proj.bias` under `path`, in the VarStore's
-    /// dtype and device, initialised like PyTorch's `nn.MultiheadAttention`.
-    pub fn new(path: &nn::Path, mod_dim: i64, config: AttentionConfig) -> Result<Self> {
-        let core = AttentionCore::new(path, mod_dim, config, path.kind(), path.device())?;
-        Ok(Self { core })
-    }
-
-    /// The hyper-parameters.
-    pub fn config(&self) -> AttentionConfig {
-        self.core.config
-    }
-
-    /// The attention module (its tensors are public).
-    pub fn attention(&self) -> &MultiheadAttention {
-        &self.core.attention
-    }
 }
 
 impl Attend for SelfAttentionMixer {
@@ -110,11 +88,6 @@ impl Attend for SelfAttentionMixer {
         output: bool,
         scratch: &mut Scratch,
     ) -> Result<Option<KeyWeights>> {
-        let mut tensors = vec![inp, &attention.in_proj_weight];
-        tensors.extend(mask);
-        if !kernels::applies(&tensors) {
-            return Ok(None);
-        }
         let (n, _, d) = inp.size3()?;
         let h = attention.n_heads();
         let scale = 1.0 / ((d / h) as f64).sqrt();

@@ -62,8 +62,9 @@ pub(crate) trait Attend {
     fn per_key(weights: Tensor) -> Result<Tensor>;
 
     /// The one-pass CPU kernels for inference: the per-key weights `(N, H, F)` and, if
-    /// `output`, the pooled inputs and their mean `(H + 1, N, D)`; `None` where they do not
-    /// apply (autograd, CUDA).
+    /// `output`, the pooled inputs and their mean `(H + 1, N, D)`. Called only where the
+    /// kernels apply to the input, mask and weights (see `kernels::applies`: CPU, f32/f64, no
+    /// autograd) and there is no dropout.
     fn kernel(
         attention: &MultiheadAttention,
         derived: &Derived,
@@ -226,11 +227,38 @@ impl AttentionCore {
     }
 }
 
-/// Implements [`crate::Mixer`] (and tch's `ModuleT`) for an attention mixer `$name` with a
-/// field `core: AttentionCore` and an [`Attend`] implementation: everything but the attending
-/// is the core's.
+/// Implements the constructor and accessors, [`crate::Mixer`] and tch's `ModuleT` for an
+/// attention mixer `$name` with a field `core: AttentionCore` and an [`Attend`] implementation:
+/// everything but the attending is the core's.
 macro_rules! impl_attention_mixer {
     ($name:ident) => {
+        impl $name {
+            /// Creates the mixer with its variables `attention.in_proj_weight`,
+            /// `attention.in_proj_bias`, `attention.out_proj.weight` and `attention.out_proj.bias`
+            /// under `path`, in the VarStore's dtype and device, initialised like PyTorch's
+            /// `nn.MultiheadAttention`.
+            pub fn new(
+                path: &tch::nn::Path,
+                mod_dim: i64,
+                config: $crate::AttentionConfig,
+            ) -> $crate::Result<Self> {
+                let (kind, device) = (path.kind(), path.device());
+                let core =
+                    $crate::attention::AttentionCore::new(path, mod_dim, config, kind, device)?;
+                Ok(Self { core })
+            }
+
+            /// The hyper-parameters.
+            pub fn config(&self) -> $crate::AttentionConfig {
+                self.core.config
+            }
+
+            /// The attention module (its tensors are public).
+            pub fn attention(&self) -> &$crate::MultiheadAttention {
+                &self.core.attention
+            }
+        }
+
         impl $crate::Mixer for $name {
             fn mod_dim(&self) -> i64 {
                 self.core.mod_dim

@@ -20,7 +20,7 @@ use tch::{Kind, Tensor};
 use super::core::{Attend, Want};
 use super::multihead::MultiheadAttention;
 use crate::error::Result;
-use crate::kernels::Scratch;
+use crate::kernels::{self, Scratch};
 use crate::mode;
 
 /// Instances from which inference projects into reused buffers and runs the value projection
@@ -111,7 +111,7 @@ impl MultiheadAttention {
         let (n, f, d) = inp.size3()?;
         let row_bytes = f * d * A::CHUNK_WIDTH * kind.elt_size_in_bytes() as i64;
         let chunk = (CHUNK_BYTES / row_bytes.max(1)).max(1);
-        let kernels = crate::kernels::applies(&[inp, &self.in_proj_weight]);
+        let kernels = kernels::applies(&[inp, &self.in_proj_weight]);
         if n <= chunk || request.dropout != 0.0 || !kernels {
             return self.pooled_chunk::<A>(inp, mask, request, None, &mut Default::default());
         }
@@ -242,7 +242,9 @@ impl MultiheadAttention {
         // kernels, which also pool the inputs (and their mean, the skip term) into
         // `(H + 1, N, D)`.
         let output = request.want.output();
-        let kernel = match dropout == 0.0 {
+        let mut tensors = vec![inp, &self.in_proj_weight];
+        tensors.extend(mask);
+        let kernel = match dropout == 0.0 && kernels::applies(&tensors) {
             true => A::kernel(self, &derived, inp, mask, output, scratch)?,
             false => None,
         };
