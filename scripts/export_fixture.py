@@ -21,7 +21,8 @@ the fixture holds tch-mix's defined value, derived from swak's own numbers:
 
 - inputs of more than 3 dimensions for the attention mixers (swak raises): swak runs on the batch
   flattened to 3-D, and its results are reshaped back;
-- a fully masked row of an attention mixer: swak's importance is NaN there, the fixture's is 0.
+- a fully masked row of an attention mixer (a bool mask all true, or a float mask all -inf):
+  swak's importance is NaN there, the fixture's is 0.
 """
 import argparse
 import importlib.metadata
@@ -96,8 +97,9 @@ def export_fixture(mixer, inp, path, mask=None, gradients=True, seed=0):
                 tensors[f"grad.state.{key}"] = grad_or_zeros(parameter)
     with torch.no_grad():
         importance = call(mixer.importance, mixer, inp, mask)
-        if mask is not None and mask.dtype == torch.bool and MIXERS[type(mixer)] in ("cross", "self"):
-            importance = importance.masked_fill(mask.all(dim=-1, keepdim=True), 0.0)
+        if mask is not None and MIXERS[type(mixer)] in ("cross", "self"):
+            hidden = mask if mask.dtype == torch.bool else mask.isneginf()
+            importance = importance.masked_fill(hidden.all(dim=-1, keepdim=True), 0.0)
         tensors["importance"] = importance.detach().clone().contiguous()
     save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata=metadata(mixer))
 

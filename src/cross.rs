@@ -4,6 +4,10 @@
 //! folds into the key projection. Per head, `q_h . (W_k,h x + b_k,h) = u_h . x + c_h` with the
 //! key vector `u_h = W_k,h^T q_h` and `q = W_q 1 + b_q`; `c_h` is the same for every feature
 //! and cancels in the softmax. The scores are then one dot product per head and feature.
+//!
+//! Where an input holds infinities, the fold and PyTorch part ways (PyTorch's keys hold
+//! infinities of both signs, whose sum is NaN; the fold meets a single infinity), so such a
+//! call takes PyTorch's op sequence.
 
 use tch::{Device, Kind, Tensor};
 
@@ -57,27 +61,34 @@ impl Attend for CrossAttentionMixer {
     /// The key vectors `u_h`, scaled by `1 / sqrt(D / H)`: `(H, D)`.
     fn derive(attention: &MultiheadAttention) -> Result<Option<Tensor>> {
         let (d, h) = (attention.embed_dim(), attention.n_heads());
-        let hd = d / h;
-        let weight = &attention.in_proj_weight;
-        let mut q = weight.f_narrow(0, 0, d)?.f_sum_dim_intlist(1, false, None::<Kind>)?;
-        if let Some(bias) = &attention.in_proj_bias {
-            q = q.f_add(&bias.f_narrow(0, 0, d)?)?;
-        }
-        let w_k = weight.f_narrow(0, d, d)?.f_view([h, hd, d])?;
-        let u = q.f_view([h, 1, hd])?.f_bmm(&w_k)?.f_view([h, d])?;
-        Ok(Some(u.f_mul_scalar(1.0 / (hd as f64).sqrt())?))
+        let w_k = attention.in_proj_weight.f_narrow(0, d, d)?.f_view([h, d / h, d])?;
+        let u = query(attention)?.f_bmm(&w_k)?.f_view([h, d])?;
+        Ok(Some(u.f_mul_scalar(scale(attention))?))
     }
 
     fn head_weights(
-        _: &MultiheadAttention,
+        attention: &MultiheadAttention,
         derived: &Derived,
         inp: &Tensor,
         mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let (n, f, _) = inp.size3()?;
+    ) -> Result<Option<Tensor>> {
+        if inp.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+            return Ok(None); // the folded scores differ from PyTorch's on infinities
+        }
+        let (n, f, d) = inp.size3()?;
         // (N, F, H); a transposed view of `(H, D)`, the layout MKL takes fastest.
-        let scores = inp.f_matmul(&key_vectors(derived).f_transpose(0, 1)?)?;
-        attention::masked_softmax(scores.f_transpose(1, 2)?, mask, &[n, 1, f])
+        let mut scores = inp.f_matmul(&key_vectors(derived).f_transpose(0, 1)?)?;
+        if let Some(bias) = &attention.in_proj_bias {
+            // The key bias's share of the scores, `c_h = q_h . b_k,h`, is the same for every
+            // feature and cancels in the softmax; it is added all the same, so that the key
+            // bias has the gradient PyTorch gives it (zero, or NaN where the scores are).
+            let h = attention.n_heads();
+            let b_k = bias.f_narrow(0, d, d)?.f_view([h, d / h, 1])?;
+            let shift =
+                query(attention)?.f_bmm(&b_k)?.f_view([h])?.f_mul_scalar(scale(attention))?;
+            scores = scores.f_add(&shift)?;
+        }
+        attention::masked_softmax(scores.f_transpose(1, 2)?, mask, &[n, 1, f]).map(Some)
     }
 
     fn per_key(weights: Tensor) -> Result<Tensor> {
@@ -92,8 +103,29 @@ impl Attend for CrossAttentionMixer {
         output: bool,
         scratch: &mut Scratch,
     ) -> Result<Option<KeyWeights>> {
-        kernels::cross(inp, key_vectors(derived), mask, output, scratch)
+        let Some(cross) = kernels::cross(inp, key_vectors(derived), mask, output, scratch)? else {
+            return Ok(None);
+        };
+        // The folded scores differ from PyTorch's where an input holds infinities: PyTorch
+        // sums infinite key components of both signs (NaN), the fold meets one infinity.
+        Ok(cross.finite_scores.then_some((cross.weights, cross.pooled)))
     }
+}
+
+/// The projected constant query per head, `q = W_q 1 + b_q` as `(H, 1, D / H)`.
+fn query(attention: &MultiheadAttention) -> Result<Tensor> {
+    let (d, h) = (attention.embed_dim(), attention.n_heads());
+    let weight = &attention.in_proj_weight;
+    let mut q = weight.f_narrow(0, 0, d)?.f_sum_dim_intlist(1, false, None::<Kind>)?;
+    if let Some(bias) = &attention.in_proj_bias {
+        q = q.f_add(&bias.f_narrow(0, 0, d)?)?;
+    }
+    Ok(q.f_view([h, 1, d / h])?)
+}
+
+/// The scale of the scores, `1 / sqrt(D / H)`.
+fn scale(attention: &MultiheadAttention) -> f64 {
+    1.0 / ((attention.embed_dim() / attention.n_heads()) as f64).sqrt()
 }
 
 /// The key vectors that [`CrossAttentionMixer::derive`] put into `derived`.

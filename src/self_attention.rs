@@ -64,7 +64,7 @@ impl Attend for SelfAttentionMixer {
         _: &Derived,
         inp: &Tensor,
         mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
+    ) -> Result<Option<Tensor>> {
         let (n, f, d) = inp.size3()?;
         let h = attention.n_heads();
         let hd = d / h;
@@ -72,7 +72,7 @@ impl Attend for SelfAttentionMixer {
         let q = qk.f_narrow(-1, 0, d)?.f_view([n, f, h, hd])?.f_transpose(1, 2)?;
         let k = qk.f_narrow(-1, d, d)?.f_view([n, f, h, hd])?.f_permute([0, 2, 3, 1])?;
         let scores = q.f_mul_scalar(1.0 / (hd as f64).sqrt())?.f_matmul(&k)?;
-        attention::masked_softmax(scores, mask, &[n, 1, 1, f])
+        attention::masked_softmax(scores, mask, &[n, 1, 1, f]).map(Some)
     }
 
     /// The mean over the queries.

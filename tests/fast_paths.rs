@@ -91,6 +91,85 @@ fn cpu_kernels_match_autograd_path_f32_in_chunks() {
     kernels_match_autograd(Kind::Float, 2100, 16, 256, 1e-4);
 }
 
+/// Whether `a` and `b` have NaN at the same places, equal infinities, and finite values within
+/// `tolerance` of each other.
+fn same_non_finite(a: &Tensor, b: &Tensor, tolerance: f64) -> bool {
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    let (a, b) = (
+        Vec::<f64>::try_from(a.flatten(0, -1)).unwrap(),
+        Vec::<f64>::try_from(b.flatten(0, -1)).unwrap(),
+    );
+    a.iter().zip(&b).all(|(&a, &b)| {
+        (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= tolerance * (1.0 + b.abs())
+    })
+}
+
+#[test]
+fn kernels_match_autograd_on_nan_inf_and_huge_inputs() {
+    // NaN, +inf, -inf and huge finite values in the input, and NaN / inf in a float mask, give
+    // the same numbers (NaN where the other has NaN) on the inference kernels as on the autograd
+    // path; only a row that the mask hides entirely gets zero weights.
+    let seed = std::env::var("TCH_MIX_TEST_SEED").map_or(13, |s| s.parse().unwrap());
+    tch::manual_seed(seed);
+    for kind in [Kind::Float, Kind::Double] {
+        let (_vs, mixers) = mixers(kind, 4, 8, true);
+        let huge = if kind == Kind::Float { 1e16 } else { 1e150 };
+        for (value, in_mask) in [
+            (f64::NAN, false),
+            (f64::INFINITY, false),
+            (f64::NEG_INFINITY, false),
+            (huge, false),
+            (f64::NAN, true),
+            (f64::INFINITY, true),
+            (f64::NEG_INFINITY, true),
+        ] {
+            let inp = Tensor::randn([6, 4, 8], (kind, Device::Cpu));
+            let mask = Tensor::randn([6, 4], (kind, Device::Cpu));
+            if in_mask {
+                let _ = mask.get(1).get(2).fill_(value);
+                let _ = mask.get(3).fill_(f64::NEG_INFINITY); // one row hidden entirely
+            } else {
+                let _ = inp.get(1).get(2).get(3).fill_(value);
+                let _ = inp.get(4).fill_(value); // one instance all of it
+            }
+            for mix in &mixers {
+                let (out, importance) =
+                    mix.f_forward_and_importance_t(&inp, Some(&mask), false).unwrap();
+                let (fast_out, fast_importance) =
+                    tch::no_grad(|| mix.f_forward_and_importance_t(&inp, Some(&mask), false))
+                        .unwrap();
+                let case = format!("{mix:?} {kind:?} value {value} in mask {in_mask}");
+                assert!(same_non_finite(&fast_out, &out, 1e-4), "{case}: output");
+                assert!(same_non_finite(&fast_importance, &importance, 1e-4), "{case}: importance");
+                // PyTorch's softmax makes a row NaN that has a NaN or +inf score, or only
+                // infinite ones of both signs: the instance full of NaN or infinities (not the
+                // global weights, which do not look at the input), and the mask's NaN or +inf
+                // (for the attention mixers, which add it to their scores).
+                let name = format!("{mix:?}");
+                let attention = !name.contains("WeightsMixer");
+                let nan_row = match in_mask {
+                    false => (!value.is_finite() && !name.starts_with("Global")).then_some(4),
+                    true => (attention && (value.is_nan() || value > 0.0)).then_some(1),
+                };
+                let nan_rows: Vec<bool> =
+                    Vec::try_from(fast_importance.isnan().any_dim(-1, false)).unwrap();
+                for (row, &is_nan) in nan_rows.iter().enumerate() {
+                    let expected = nan_row == Some(row) || (!in_mask && is_nan && row == 1);
+                    assert_eq!(is_nan, expected, "{case}: row {row} NaN");
+                }
+                if in_mask && attention {
+                    let hidden = fast_importance.get(3);
+                    assert_eq!(
+                        hidden.abs().sum(Kind::Double).double_value(&[]),
+                        0.0,
+                        "{case}: hidden row"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn dropout_in_training_keeps_the_mix_unbiased() {
     // Dropout drops attention weights and mixed outputs; pooling first must keep the sum of the

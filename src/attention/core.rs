@@ -51,12 +51,14 @@ pub(crate) trait Attend {
 
     /// The softmaxed attention weights per head, through libtorch ops: `(N, H, F)` for one
     /// query, `(N, H, L, F)` for `L` queries.
+    /// `None` where these weights would differ from PyTorch's on this input: the caller then
+    /// takes PyTorch's op sequence.
     fn head_weights(
         attention: &MultiheadAttention,
         derived: &Derived,
         inp: &Tensor,
         mask: Option<&Tensor>,
-    ) -> Result<Tensor>;
+    ) -> Result<Option<Tensor>>;
 
     /// One weight per head and key `(N, H, F)` from [`Attend::head_weights`].
     fn per_key(weights: Tensor) -> Result<Tensor>;
@@ -64,7 +66,9 @@ pub(crate) trait Attend {
     /// The one-pass CPU kernels for inference: the per-key weights `(N, H, F)` and, if
     /// `output`, the pooled inputs and their mean `(H + 1, N, D)`. Called only where the
     /// kernels apply to the input, mask and weights (see `kernels::applies`: CPU, f32/f64, no
-    /// autograd) and there is no dropout.
+    /// autograd) and there is no dropout. `None` where the weights would differ from PyTorch's
+    /// on this input (cross-attention's folded scores on an input with infinities): the caller
+    /// then takes PyTorch's op sequence.
     fn kernel(
         attention: &MultiheadAttention,
         derived: &Derived,
@@ -164,7 +168,7 @@ impl AttentionCore {
 
     /// The pooling along PyTorch's own op sequence ([`MultiheadAttention::output`] and
     /// [`MultiheadAttention::weights`], averaged over the queries), for half precision under
-    /// autograd.
+    /// autograd, and where the fast path declines an input.
     fn reference<A: Attend>(&self, batch: &Batch, dropout: f64, want: Want) -> Result<Mixed> {
         let (n, _, d) = batch.inp.size3()?;
         let query = A::query(n, d, self.kind(), self.device())?;
@@ -198,22 +202,27 @@ impl AttentionCore {
         };
         let AttentionConfig { dropout, skip, keep_dim, .. } = self.config;
         let p = if train { dropout } else { 0.0 };
-        // The pooling adds the skip term itself where no output dropout comes between.
-        let reference = mode::use_reference(self.kind());
-        let skip_inside = skip && p == 0.0 && !reference;
-        let Mixed { mixed, importance } = match reference {
-            true => self.reference::<A>(&batch, p, want)?,
+        // The fast path, but in half precision while autograd records: PyTorch's own op
+        // sequence, so that gradients round as PyTorch's do. The fast path adds the skip term
+        // itself where no output dropout comes between; it may also decline an input whose
+        // numbers it cannot reproduce in its own order (see `Attend::kernel`).
+        let skip_inside = skip && p == 0.0;
+        let fast = match mode::use_reference(self.kind()) {
+            true => None,
             false => {
                 let request = Request { want, skip: skip_inside, dropout: p };
                 self.attention.pooled::<A>(&batch.inp, batch.mask.as_ref(), request)?
             }
+        };
+        let (Mixed { mixed, importance }, skip_after) = match fast {
+            Some(mixed) => (mixed, skip && !skip_inside),
+            None => (self.reference::<A>(&batch, p, want)?, skip),
         };
         let leading = |last: i64| batch.leading.iter().copied().chain([last]).collect::<Vec<_>>();
         let mixed = match mixed {
             Some(mixed) => {
                 let mut shape = leading(1);
                 shape.push(self.mod_dim);
-                let skip_after = skip && !skip_inside;
                 let mixed = mixed.f_reshape(shape)?;
                 Some(mixer::finish(mixed, inp, dropout, skip_after, keep_dim, train)?)
             }

@@ -98,6 +98,9 @@ impl MultiheadAttention {
     /// Equal to [`MultiheadAttention::output`] (averaged over queries) and
     /// [`MultiheadAttention::weights`] up to rounding; the tests hold it to them.
     ///
+    /// `None` where the mixer's fast scores cannot reproduce PyTorch's on this input (see
+    /// [`Attend::kernel`]): the caller takes PyTorch's op sequence instead.
+    ///
     /// # Shapes
     /// `inp`: `(N, F, D)`, `mask`: additive `(N, F)`; returns the mixed `(N, D)` and the
     /// importance `(N, F)`, as requested.
@@ -106,7 +109,7 @@ impl MultiheadAttention {
         inp: &Tensor,
         mask: Option<&Tensor>,
         request: Request,
-    ) -> Result<Mixed> {
+    ) -> Result<Option<Mixed>> {
         let kind = inp.kind();
         let (n, f, d) = inp.size3()?;
         let row_bytes = f * d * A::CHUNK_WIDTH * kind.elt_size_in_bytes() as i64;
@@ -129,13 +132,14 @@ impl MultiheadAttention {
             let into = mixed.as_ref().map(|m| m.f_narrow(0, start, rows)).transpose()?;
             let pooled =
                 self.pooled_chunk::<A>(part, mask.as_ref(), request, into, &mut scratch)?;
+            let Some(pooled) = pooled else { return Ok(None) };
             parts.extend(pooled.importance);
         }
         let importance = match request.want.importance() {
             true => Some(Tensor::f_cat(&parts, 0)?),
             false => None,
         };
-        Ok(Mixed { mixed, importance })
+        Ok(Some(Mixed { mixed, importance }))
     }
 
     /// [`MultiheadAttention::pooled`] of one chunk; the mixed vectors go `into` that tensor
@@ -147,11 +151,13 @@ impl MultiheadAttention {
         request: Request,
         into: Option<Tensor>,
         scratch: &mut Scratch,
-    ) -> Result<Mixed> {
+    ) -> Result<Option<Mixed>> {
         let kind = inp.kind();
         if !mode::is_half(kind) {
-            let heads = self.heads::<A>(inp, mask, request, scratch)?;
-            return self.project_out(heads, inp, request.skip, into);
+            let Some(heads) = self.heads::<A>(inp, mask, request, scratch)? else {
+                return Ok(None);
+            };
+            return self.project_out(heads, inp, request.skip, into).map(Some);
         }
         // Half precision pools in f32, then rounds the heads' output to half precision for the
         // output projection, where PyTorch rounds its attention output: the reordered sums
@@ -167,14 +173,16 @@ impl MultiheadAttention {
             n_heads: self.n_heads,
         };
         let mask = mask.map(up).transpose()?;
-        let heads = wide.heads::<A>(&up(inp)?, mask.as_ref(), request, scratch)?;
+        let Some(heads) = wide.heads::<A>(&up(inp)?, mask.as_ref(), request, scratch)? else {
+            return Ok(None);
+        };
         let down = |t: Option<Tensor>| t.map(|t| t.f_to_kind(kind)).transpose();
         let heads = Heads {
             heads: down(heads.heads)?,
             importance: down(heads.importance)?,
             mean: down(heads.mean)?,
         };
-        self.project_out(heads, inp, request.skip, into)
+        self.project_out(heads, inp, request.skip, into).map(Some)
     }
 
     /// Applies the output projection to the heads' output, and adds the mean of `inp` over the
@@ -228,7 +236,7 @@ impl MultiheadAttention {
         mask: Option<&Tensor>,
         request: Request,
         scratch: &mut Scratch,
-    ) -> Result<Heads> {
+    ) -> Result<Option<Heads>> {
         let (n, _, d) = inp.size3()?;
         let (h, dropout) = (self.n_heads, request.dropout);
         let derived = self.derived::<A>()?;
@@ -244,17 +252,17 @@ impl MultiheadAttention {
         let output = request.want.output();
         let mut tensors = vec![inp, &self.in_proj_weight];
         tensors.extend(mask);
-        let kernel = match dropout == 0.0 && kernels::applies(&tensors) {
-            true => A::kernel(self, &derived, inp, mask, output, scratch)?,
-            false => None,
-        };
-        let (key_weights, pooled, importance) = match kernel {
-            Some((key_weights, pooled)) => {
+        let (key_weights, pooled, importance) = match dropout == 0.0 && kernels::applies(&tensors) {
+            true => {
+                let kernel = A::kernel(self, &derived, inp, mask, output, scratch)?;
+                let Some((key_weights, pooled)) = kernel else { return Ok(None) };
                 let importance = average_heads(&key_weights)?;
                 (key_weights, pooled, importance)
             }
-            None => {
-                let weights = A::head_weights(self, &derived, inp, mask)?;
+            false => {
+                let Some(weights) = A::head_weights(self, &derived, inp, mask)? else {
+                    return Ok(None);
+                };
                 let importance = average_heads(&A::per_key(weights.shallow_clone())?)?;
                 let dropped = match dropout > 0.0 {
                     true => weights.f_dropout(dropout, true)?,
@@ -264,10 +272,12 @@ impl MultiheadAttention {
             }
         };
         if !output {
-            return Ok(Heads { heads: None, importance, mean: None });
+            return Ok(Some(Heads { heads: None, importance, mean: None }));
         }
-        // Each head's weights sum to 1, unless a row is fully masked or dropout is active.
-        let weights_sum_to_one = mask.is_none() && dropout == 0.0;
+        // Each head's weights sum to 1, unless a row is fully masked or dropout is active. Under
+        // autograd the bias is scaled by the sum all the same, so that it has the gradient
+        // PyTorch gives it (NaN where the weights are).
+        let weights_sum_to_one = mask.is_none() && dropout == 0.0 && !mode::grad_mode();
         let (pooled, mean) = match pooled {
             Some(pooled) => (pooled.f_narrow(0, 0, h)?, Some(pooled.f_get(h)?)),
             None => (key_weights.f_matmul(inp)?.f_transpose(0, 1)?, None), // (H, N, D)
@@ -309,7 +319,7 @@ impl MultiheadAttention {
             },
             _ => heads,
         };
-        Ok(Heads { heads: Some(heads.f_reshape([n, d])?), importance, mean })
+        Ok(Some(Heads { heads: Some(heads.f_reshape([n, d])?), importance, mean }))
     }
 
     /// The tensors derived from the input projection: cached between calls without autograd
@@ -408,7 +418,7 @@ mod tests {
                 let reference_weights =
                     mean(attention.weights(query.as_ref(), &inp, mask).unwrap());
                 let request = Request { want: Want::Both, skip: false, dropout: 0.0 };
-                let fast = attention.pooled::<A>(&inp, mask, request).unwrap();
+                let fast = attention.pooled::<A>(&inp, mask, request).unwrap().unwrap();
                 let (out, weights) = (fast.mixed.unwrap(), fast.importance.unwrap());
                 assert!(max_diff(&out, &reference_out) < 1e-12, "output");
                 assert!(max_diff(&weights, &reference_weights) < 1e-12, "weights");

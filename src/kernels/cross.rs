@@ -1,26 +1,33 @@
 //! Cross-attention in one pass over each instance: scores, softmax and pooling together.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tch::Tensor;
 
-use super::math::{dot, dot4, softmax, weighted_rows, Element};
+use super::math::{dot, dot4, hides_all, softmax, weighted_rows, Element};
 use super::memory::{prefetch, split_planes, Views};
 use super::team::{self, Kernel};
 use super::{applies, dispatch, Scratch, Shape};
 use crate::error::Result;
 
-/// What [`cross`] computes: the weights `(N, H, F)` and, where asked, the pooled inputs
-/// `(H + 1, N, D)`.
-pub(crate) type CrossPooled = (Tensor, Option<Tensor>);
+/// What [`cross`] computes.
+pub(crate) struct CrossPooled {
+    /// The weights `(N, H, F)`.
+    pub(crate) weights: Tensor,
+    /// The pooled inputs `(H + 1, N, D)`, where asked for.
+    pub(crate) pooled: Option<Tensor>,
+    /// Whether every score (before the mask) was finite.
+    pub(crate) finite_scores: bool,
+}
 
 /// Cross-attention in one pass: `weights[n, h] = softmax_f(u[h] . x[n, f] + mask[n, f])` (all
-/// zero for a fully masked row) and, with `output`, the pooled inputs `pooled[h, n] = sum_f
+/// zero for a row the mask hides entirely, NaN as in PyTorch) and, with `output`, the pooled inputs `pooled[h, n] = sum_f
 /// weights[n, h, f] x[n, f]` followed by their mean `pooled[H, n] = mean_f x[n, f]`.
 ///
 /// `x`: `(N, F, D)`, `u`: the key vectors `(H, D)`, `mask`: additive `(N, F)`; returns the
-/// weights `(N, H, F)` and, with `output`, the pooled inputs `(H + 1, N, D)`; `None` where
-/// [`applies`] is false.
+/// weights `(N, H, F)`, with `output` the pooled inputs `(H + 1, N, D)`, and whether every
+/// score was finite; `None` where [`applies`] is false.
 pub(crate) fn cross(
     x: &Tensor,
     u: &Tensor,
@@ -43,13 +50,14 @@ pub(crate) fn cross(
     let (x, u) = (super::resolved(x)?, super::resolved(u)?);
     let mask = mask.map(super::resolved).transpose()?;
     let (shape, heads) = (Shape::of(n, f, d), heads as usize);
+    let finite_scores;
     dispatch!(x.kind(), |T| {
         let mut views = Views::default();
         let (x, u) = (views.read::<T>(&x)?, views.read::<T>(&u)?);
         let m = mask.as_ref().map(|m| views.read::<T>(m)).transpose()?;
         let weights = views.write::<T>(&mut weights)?;
         let pooled = pooled.as_mut().map(|p| views.write::<T>(p)).transpose()?;
-        let job = Cross { shape, heads, x, u, m };
+        let job = Cross { shape, heads, x, u, m, finite: AtomicBool::new(true) };
         let per = team::part_size(shape.n);
         let weight_parts = split_planes(weights, 1, shape.n, heads * shape.f, per);
         let pooled_parts = match pooled {
@@ -58,8 +66,9 @@ pub(crate) fn cross(
         };
         let parts = weight_parts.into_iter().zip(pooled_parts).map(|(mut w, p)| (w.remove(0), p));
         team::run(&job, team::ranges(shape.n, per).zip(parts).collect());
+        finite_scores = job.finite.into_inner();
     });
-    Ok(Some((weights, pooled)))
+    Ok(Some(CrossPooled { weights, pooled, finite_scores }))
 }
 
 struct Cross<'a, T> {
@@ -69,6 +78,8 @@ struct Cross<'a, T> {
     /// The key vectors `(H, D)`.
     u: &'a [T],
     m: Option<&'a [T]>,
+    /// Cleared where a score (before the mask) is not finite.
+    finite: AtomicBool,
 }
 
 impl<'a, T: Element> Kernel for Cross<'a, T> {
@@ -99,11 +110,16 @@ impl<'a, T: Element> Kernel for Cross<'a, T> {
                 }
             }
             let head_weights = &mut rows[..heads * f];
+            if !head_weights.iter().all(|s| s.is_finite()) {
+                self.finite.store(false, Ordering::Relaxed);
+            }
+            let mask = self.m.map(|m| &m[i * f..(i + 1) * f]);
+            let hidden = hides_all(mask);
             for head in head_weights.chunks_exact_mut(f) {
-                if let Some(m) = self.m {
-                    head.iter_mut().zip(&m[i * f..(i + 1) * f]).for_each(|(s, &m)| *s += m);
+                if let Some(m) = mask {
+                    head.iter_mut().zip(m).for_each(|(s, &m)| *s += m);
                 }
-                softmax(head);
+                softmax(head, hidden);
             }
             weights[j * heads * f..(j + 1) * heads * f].copy_from_slice(head_weights);
             if !pooled.is_empty() {

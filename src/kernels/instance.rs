@@ -104,7 +104,7 @@ impl<'a, T: Element> Kernel for Instance<'a, T> {
             let instances = scores.chunks_exact_mut(f).zip(x.chunks_exact(size));
             for (k, (weights, x)) in instances.enumerate() {
                 let j = start - range.start + k;
-                softmax(weights);
+                softmax(weights, false);
                 importance[j * f..(j + 1) * f].copy_from_slice(weights);
                 weights.iter_mut().for_each(|w| *w += fold);
                 weighted_rows::<T, FMA>(&mut mixed, j, weights, x, d);

@@ -25,6 +25,7 @@ pub(crate) trait Element:
     const NEG_INFINITY: Self;
     fn from_f64(value: f64) -> Self;
     fn exp(self) -> Self;
+    fn is_finite(self) -> bool;
     /// `self * a + b`, rounded once.
     fn mul_add(self, a: Self, b: Self) -> Self;
 }
@@ -38,6 +39,9 @@ impl Element for f32 {
     }
     fn exp(self) -> Self {
         f32::exp(self)
+    }
+    fn is_finite(self) -> bool {
+        f32::is_finite(self)
     }
     fn mul_add(self, a: Self, b: Self) -> Self {
         f32::mul_add(self, a, b)
@@ -53,6 +57,9 @@ impl Element for f64 {
     }
     fn exp(self) -> Self {
         f64::exp(self)
+    }
+    fn is_finite(self) -> bool {
+        f64::is_finite(self)
     }
     fn mul_add(self, a: Self, b: Self) -> Self {
         f64::mul_add(self, a, b)
@@ -136,14 +143,17 @@ pub(crate) fn axpy<T: Element, const FMA: bool>(o: &mut [T], a: T, x: &[T]) {
     }
 }
 
-/// Softmax of `scores` in place; a row of nothing but -inf becomes all zeros.
+/// Softmax of `scores` in place, as PyTorch's: a NaN anywhere, a +inf, or nothing but -inf makes
+/// the whole row NaN. A `hidden` row (its mask hides every key) becomes all zeros instead.
 #[inline(always)]
-pub(crate) fn softmax<T: Element>(scores: &mut [T]) {
-    let max = scores.iter().fold(T::NEG_INFINITY, |m, &s| if s > m { s } else { m });
-    if max == T::NEG_INFINITY {
+pub(crate) fn softmax<T: Element>(scores: &mut [T], hidden: bool) {
+    if hidden {
         scores.iter_mut().for_each(|s| *s = T::ZERO);
         return;
     }
+    // The maximum, or NaN where any score is NaN (`s != s`), so that NaN reaches every weight.
+    #[allow(clippy::eq_op)]
+    let max = scores.iter().fold(T::NEG_INFINITY, |m, &s| if s > m || s != s { s } else { m });
     let mut total = T::ZERO;
     for s in scores.iter_mut() {
         *s = (*s - max).exp();
@@ -152,6 +162,12 @@ pub(crate) fn softmax<T: Element>(scores: &mut [T]) {
     for s in scores.iter_mut() {
         *s = *s / total;
     }
+}
+
+/// Whether an additive mask row hides every key: all of it -inf. Such a row gets zero weights.
+#[inline(always)]
+pub(crate) fn hides_all<T: Element>(mask: Option<&[T]>) -> bool {
+    mask.is_some_and(|m| m.iter().all(|&v| v == T::NEG_INFINITY))
 }
 
 /// Columns of the features one register-blocked step of [`weighted_rows`] covers.

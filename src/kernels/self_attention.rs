@@ -4,14 +4,15 @@ use std::ops::Range;
 
 use tch::Tensor;
 
-use super::math::{axpy, madd, slab, softmax, Element, SLAB};
+use super::math::{axpy, hides_all, madd, slab, softmax, Element, SLAB};
 use super::memory::{split_planes, Views};
 use super::team::{self, Kernel};
 use super::{applies, dispatch, Scratch, Shape};
 use crate::error::Result;
 
-/// Self-attention weights averaged over the queries: `b[n, h, j] = mean_i softmax_j(q[n, i, h]
-/// . k[n, j, h] * scale + mask[n, j])`, all-zero for a fully masked row.
+/// Self-attention weights averaged over the queries:
+/// `b[n, h, j] = mean_i softmax_j((q[n, i, h] scale) . k[n, j, h] + mask[n, j])`, all-zero for a
+/// row the mask hides entirely, NaN as in PyTorch.
 ///
 /// `qk`: the queries and keys `(N, F, 2 D)`, heads of `D / H` each; `mask`: additive `(N, F)`;
 /// returns `(N, H, F)`, or `None` where [`applies`] is false.
@@ -69,10 +70,12 @@ impl<'a, T: Element> Kernel for SelfWeights<'a, T> {
         // keys are then independent sums of `hd` products, one vector register per query.
         let padded = f.div_ceil(SLAB) * SLAB;
         let mut keys = vec![T::ZERO; hd * padded];
+        let mut queries = vec![T::ZERO; SLAB * hd];
         let mut scores = vec![T::ZERO; padded * padded];
         for (j, i) in range.enumerate() {
             let qk = &self.qk[i * f * 2 * d..(i + 1) * f * 2 * d];
             let mask = self.m.map(|m| &m[i * f..(i + 1) * f]);
+            let hidden = hides_all(mask);
             let out = &mut weights[j * heads * f..(j + 1) * heads * f];
             out.iter_mut().for_each(|o| *o = T::ZERO);
             for (h, mean) in out.chunks_exact_mut(f).enumerate() {
@@ -83,15 +86,19 @@ impl<'a, T: Element> Kernel for SelfWeights<'a, T> {
                     }
                 }
                 for qb in (0..padded).step_by(SLAB) {
-                    // Rows past the last query (padding) repeat it; their scores are not used.
-                    let q: [&[T]; SLAB] =
-                        std::array::from_fn(|r| &qk[(qb + r).min(f - 1) * 2 * d + h * hd..][..hd]);
+                    // A slab of queries, scaled first as PyTorch scales them (which decides
+                    // where huge scores overflow). Rows past the last query (padding) repeat
+                    // it; their scores are not used.
+                    for (r, q) in queries.chunks_exact_mut(hd).enumerate() {
+                        let row = &qk[(qb + r).min(f - 1) * 2 * d + h * hd..][..hd];
+                        q.iter_mut().zip(row).for_each(|(q, &x)| *q = x * self.scale);
+                    }
                     for kb in (0..padded).step_by(SLAB) {
                         let mut acc = [[T::ZERO; SLAB]; SLAB];
                         for (e, k) in keys.chunks_exact(padded).enumerate() {
                             let k = slab(k, kb);
                             for r in 0..SLAB {
-                                let q = q[r][e];
+                                let q = queries[r * hd + e];
                                 for l in 0..SLAB {
                                     acc[r][l] = madd::<T, FMA>(acc[r][l], q, k[l]);
                                 }
@@ -105,9 +112,9 @@ impl<'a, T: Element> Kernel for SelfWeights<'a, T> {
                 for row in scores.chunks_exact_mut(padded).take(f) {
                     let row = &mut row[..f];
                     for (key, s) in row.iter_mut().enumerate() {
-                        *s = *s * self.scale + mask.map_or(T::ZERO, |m| m[key]);
+                        *s += mask.map_or(T::ZERO, |m| m[key]);
                     }
-                    softmax(row);
+                    softmax(row, hidden);
                     axpy::<T, FMA>(mean, inv, row);
                 }
             }
