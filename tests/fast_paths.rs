@@ -171,6 +171,25 @@ fn kernels_match_autograd_on_nan_inf_and_huge_inputs() {
 }
 
 #[test]
+fn self_attention_kernel_takes_many_features_in_slabs() {
+    // The kernel holds the scores of 8 queries at a time (memory linear in the features, where
+    // all F x F scores of 100k features would take 40 GB); its slabs must still cover every query.
+    tch::manual_seed(17);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let config = AttentionConfig { n_heads: 2, ..Default::default() };
+    let mix = SelfAttentionMixer::new(&vs.root(), 4, config).unwrap();
+    for f in [1, 7, 8, 9, 1003] {
+        let inp = Tensor::randn([2, f, 4], (Kind::Float, Device::Cpu));
+        let mask = Tensor::rand([2, f], (Kind::Float, Device::Cpu)).lt(0.2);
+        let (out, importance) = mix.f_forward_and_importance_t(&inp, Some(&mask), false).unwrap();
+        let (fast_out, fast_importance) =
+            tch::no_grad(|| mix.f_forward_and_importance_t(&inp, Some(&mask), false)).unwrap();
+        assert!(max_diff(&out, &fast_out) < 1e-5, "{f} features: output");
+        assert!(max_diff(&importance, &fast_importance) < 1e-5, "{f} features: importance");
+    }
+}
+
+#[test]
 fn dropout_in_training_keeps_the_mix_unbiased() {
     // Dropout drops attention weights and mixed outputs; pooling first must keep the sum of the
     // dropped weights, so the average of many training passes is the eval output.

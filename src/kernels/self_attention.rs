@@ -71,7 +71,9 @@ impl<'a, T: Element> Kernel for SelfWeights<'a, T> {
         let padded = f.div_ceil(SLAB) * SLAB;
         let mut keys = vec![T::ZERO; hd * padded];
         let mut queries = vec![T::ZERO; SLAB * hd];
-        let mut scores = vec![T::ZERO; padded * padded];
+        // The scores of one slab of queries against every key: memory in proportion to the
+        // instance's features, never to their square.
+        let mut scores = vec![T::ZERO; SLAB * padded];
         for (j, i) in range.enumerate() {
             let qk = &self.qk[i * f * 2 * d..(i + 1) * f * 2 * d];
             let mask = self.m.map(|m| &m[i * f..(i + 1) * f]);
@@ -105,17 +107,17 @@ impl<'a, T: Element> Kernel for SelfWeights<'a, T> {
                             }
                         }
                         for (r, acc) in acc.iter().enumerate() {
-                            scores[(qb + r) * padded + kb..][..SLAB].copy_from_slice(acc);
+                            scores[r * padded + kb..][..SLAB].copy_from_slice(acc);
                         }
                     }
-                }
-                for row in scores.chunks_exact_mut(padded).take(f) {
-                    let row = &mut row[..f];
-                    for (key, s) in row.iter_mut().enumerate() {
-                        *s += mask.map_or(T::ZERO, |m| m[key]);
+                    for row in scores.chunks_exact_mut(padded).take(f - qb.min(f)) {
+                        let row = &mut row[..f];
+                        for (key, s) in row.iter_mut().enumerate() {
+                            *s += mask.map_or(T::ZERO, |m| m[key]);
+                        }
+                        softmax(row, hidden);
+                        axpy::<T, FMA>(mean, inv, row);
                     }
-                    softmax(row, hidden);
-                    axpy::<T, FMA>(mean, inv, row);
                 }
             }
         }
