@@ -190,6 +190,32 @@ fn self_attention_kernel_takes_many_features_in_slabs() {
 }
 
 #[test]
+fn lazy_negated_views_give_their_values() {
+    // libtorch may hand over a view with its negation bit set, whose stored elements are the
+    // negated values; the kernels must read the values, not the storage.
+    tch::manual_seed(19);
+    for kind in [Kind::Float, Kind::Double] {
+        let (_vs, mixers) = mixers(kind, 5, 12, true);
+        let stored = Tensor::randn([40, 5, 12], (kind, Device::Cpu));
+        let negated = stored.internal_neg_view();
+        assert!(negated.is_neg(), "the view must carry the negation bit for this test");
+        let values = stored.neg();
+        let mask = Tensor::randn([40, 5], (kind, Device::Cpu)).internal_neg_view();
+        for mix in &mixers {
+            let (out, importance) =
+                tch::no_grad(|| mix.f_forward_and_importance_t(&negated, Some(&mask), false))
+                    .unwrap();
+            let (expected_out, expected_importance) = tch::no_grad(|| {
+                mix.f_forward_and_importance_t(&values, Some(&mask.neg().neg()), false)
+            })
+            .unwrap();
+            assert!(max_diff(&out, &expected_out) < 1e-5, "{mix:?}: output");
+            assert!(max_diff(&importance, &expected_importance) < 1e-5, "{mix:?}: importance");
+        }
+    }
+}
+
+#[test]
 fn dropout_in_training_keeps_the_mix_unbiased() {
     // Dropout drops attention weights and mixed outputs; pooling first must keep the sum of the
     // dropped weights, so the average of many training passes is the eval output.
