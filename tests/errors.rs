@@ -137,3 +137,17 @@ fn negative_sizes_are_refused() {
     let err = InstanceWeightsMixer::new(&vs.root(), 0, 3, Default::default()).unwrap_err();
     assert_eq!(err.to_string(), "invalid configuration: mod_dim must be at least 1, got 0");
 }
+
+#[test]
+fn sizes_whose_products_overflow_are_refused_before_allocating() {
+    // (2^33 features of 2^31) would wrap to a [2^31, 0] weight in unchecked arithmetic.
+    let vs = nn::VarStore::new(Device::Cpu);
+    let config = InstanceWeightsConfig::default();
+    let err = InstanceWeightsMixer::new(&(vs.root() / "i"), 1 << 31, 1 << 33, config).unwrap_err();
+    assert!(matches!(err, MixError::Config(_)), "{err}");
+    assert!(err.to_string().contains("n_features * mod_dim"), "{err}");
+    let attention = tch_mix::AttentionConfig::default();
+    let err = CrossAttentionMixer::new(&(vs.root() / "c"), i64::MAX / 2, attention).unwrap_err();
+    assert!(err.to_string().contains("3 * mod_dim"), "{err}");
+    assert!(vs.variables().is_empty(), "nothing was created");
+}

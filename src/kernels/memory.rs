@@ -121,3 +121,63 @@ pub(crate) fn prefetch<T>(x: Option<&[T]>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, Kind, Tensor};
+
+    use super::*;
+
+    #[test]
+    fn views_hand_out_the_elements_of_contiguous_tensors() {
+        let t = Tensor::arange(6, (Kind::Float, Device::Cpu));
+        let mut out = Tensor::zeros([3], (Kind::Double, Device::Cpu));
+        let mut views = Views::default();
+        assert_eq!(views.read::<f32>(&t).unwrap(), &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        views.write::<f64>(&mut out).unwrap().copy_from_slice(&[7.0, 8.0, 9.0]);
+        assert_eq!(Vec::<f64>::try_from(&out).unwrap(), [7.0, 8.0, 9.0]);
+        let empty = Tensor::zeros([0, 4], (Kind::Float, Device::Cpu));
+        assert!(Views::default().read::<f32>(&empty).unwrap().is_empty());
+    }
+
+    #[test]
+    fn views_refuse_what_a_slice_cannot_show() {
+        let t = Tensor::arange(6, (Kind::Float, Device::Cpu)).view([2, 3]);
+        let refused = |t: &Tensor| Views::default().read::<f32>(t).is_err();
+        assert!(refused(&t.tr()), "a transposed (non-contiguous) view");
+        assert!(refused(&t.internal_neg_view()), "a lazily negated view");
+        assert!(refused(&t.to_kind(Kind::Double)), "another element type");
+        assert!(Views::default().read::<f64>(&t).is_err(), "f32 elements read as f64");
+    }
+
+    #[test]
+    fn a_written_view_may_not_overlap_another() {
+        let t = Tensor::zeros([8], (Kind::Float, Device::Cpu));
+        let (mut part, mut alias) = (t.narrow(0, 2, 4), t.narrow(0, 4, 4));
+        let mut views = Views::default();
+        views.read::<f32>(&t).unwrap();
+        assert!(views.write::<f32>(&mut part).is_err(), "written over what is read");
+        let mut views = Views::default();
+        views.write::<f32>(&mut part).unwrap();
+        assert!(views.write::<f32>(&mut alias).is_err(), "two writes over the same bytes");
+        let mut views = Views::default();
+        views.write::<f32>(&mut part).unwrap();
+        assert!(views.read::<f32>(&alias).is_err(), "read from what is written");
+        let mut apart = t.narrow(0, 6, 2);
+        let mut views = Views::default();
+        views.write::<f32>(&mut part).unwrap();
+        views.write::<f32>(&mut apart).unwrap();
+    }
+
+    #[test]
+    fn split_planes_gives_each_part_its_rows_of_every_plane() {
+        // 2 planes of 5 rows of width 3, parts of 2 rows: rows 0-1, 2-3 and 4.
+        let mut out: Vec<u32> = (0..30).collect();
+        let parts = split_planes(&mut out, 2, 5, 3, 2);
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts[0], [&[0, 1, 2, 3, 4, 5][..], &[15, 16, 17, 18, 19, 20][..]]);
+        assert_eq!(parts[1], [&[6, 7, 8, 9, 10, 11][..], &[21, 22, 23, 24, 25, 26][..]]);
+        assert_eq!(parts[2], [&[12, 13, 14][..], &[27, 28, 29][..]]);
+        assert!(split_planes::<u32>(&mut [], 3, 0, 4, 1).is_empty());
+    }
+}

@@ -166,3 +166,49 @@ mod openmp {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Adds each index of its range to its part, and counts the instances it saw.
+    struct Count<'a>(&'a AtomicUsize);
+
+    impl<'a> Kernel for Count<'a> {
+        type Part = &'a mut [usize];
+
+        fn run<const FMA: bool>(&self, range: Range<usize>, part: Self::Part) {
+            assert!(range.start != 999, "a part that fails");
+            for (slot, i) in part.iter_mut().zip(range.clone()) {
+                *slot += i;
+            }
+            self.0.fetch_add(range.len(), Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn every_instance_runs_once_in_its_own_part() {
+        for n in [0, 1, 31, 64, 1000, 4097] {
+            let seen = AtomicUsize::new(0);
+            let mut out = vec![0; n];
+            let per = part_size(n).min(100);
+            let parts = ranges(n, per).zip(out.chunks_mut(per)).collect();
+            run(&Count(&seen), parts);
+            assert_eq!(seen.load(Ordering::Relaxed), n);
+            assert!(out.iter().enumerate().all(|(i, &v)| v == i), "{n} instances");
+        }
+    }
+
+    #[test]
+    fn a_panic_in_a_part_reaches_the_caller() {
+        let seen = AtomicUsize::new(0);
+        let mut out = vec![0; 2000];
+        let parts: Vec<_> = ranges(2000, 999).zip(out.chunks_mut(999)).collect();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run(&Count(&seen), parts);
+        }));
+        assert!(result.is_err());
+    }
+}
