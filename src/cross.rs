@@ -11,9 +11,10 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::attention::{self, Attend, AttentionCore, Derived, KeyWeights};
+use crate::attention::{self, Attend, AttentionConfig, AttentionCore, Derived, KeyWeights};
 use crate::error::Result;
 use crate::kernels::{self, Scratch};
+use crate::spec::Spec;
 use crate::MultiheadAttention;
 
 /// Combines stacked feature vectors via cross-attention with a learned query (swak's
@@ -52,6 +53,10 @@ pub struct CrossAttentionMixer {
 }
 
 impl Attend for CrossAttentionMixer {
+    fn spec(mod_dim: i64, config: AttentionConfig) -> Spec {
+        Spec::Cross { mod_dim, config }
+    }
+
     const CHUNK_WIDTH: i64 = 1;
 
     fn query(n: i64, d: i64, kind: Kind, device: Device) -> Result<Option<Tensor>> {

@@ -5,6 +5,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::error::Result;
 use crate::mixer::{self, Mixer};
 use crate::mode;
+use crate::spec::Spec;
 
 /// Hyper-parameters of a [`GlobalWeightsMixer`], named as in swak.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -68,7 +69,8 @@ impl GlobalWeightsMixer {
         Self::build(path, mod_dim, n_features, config, path.kind(), path.device())
     }
 
-    fn build(
+    /// [`Self::new`] in `kind` on `device`.
+    pub(crate) fn build(
         path: &nn::Path,
         mod_dim: i64,
         n_features: i64,
@@ -182,6 +184,10 @@ impl Mixer for GlobalWeightsMixer {
 
     fn variables(&self) -> Vec<(&'static str, Tensor)> {
         vec![("coeffs", self.coeffs.shallow_clone())]
+    }
+
+    fn spec(&self) -> Spec {
+        Spec::Global { mod_dim: self.mod_dim, n_features: self.n_features, config: self.config }
     }
 
     fn fresh(&self, path: &nn::Path) -> Result<Self> {

@@ -5,6 +5,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::error::Result;
 use crate::kernels;
 use crate::mixer::{self, Mixer};
+use crate::spec::Spec;
 
 /// Hyper-parameters of an [`InstanceWeightsMixer`], named as in swak.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -71,7 +72,8 @@ impl InstanceWeightsMixer {
         Self::build(path, mod_dim, n_features, config, path.kind(), path.device())
     }
 
-    fn build(
+    /// [`Self::new`] in `kind` on `device`.
+    pub(crate) fn build(
         path: &nn::Path,
         mod_dim: i64,
         n_features: i64,
@@ -223,6 +225,10 @@ impl Mixer for InstanceWeightsMixer {
             variables.push(("project.bias", bias.shallow_clone()));
         }
         variables
+    }
+
+    fn spec(&self) -> Spec {
+        Spec::Instance { mod_dim: self.mod_dim, n_features: self.n_features, config: self.config }
     }
 
     fn fresh(&self, path: &nn::Path) -> Result<Self> {

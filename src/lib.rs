@@ -41,6 +41,8 @@ mod mixer;
 #[allow(unsafe_code)] // reading libtorch's grad mode
 mod mode;
 mod self_attention;
+mod shared;
+mod spec;
 
 pub use attention::{AttentionConfig, MultiheadAttention};
 pub use checkpoint::{load_var_store, StateDict};
@@ -50,3 +52,5 @@ pub use global::{GlobalWeightsConfig, GlobalWeightsMixer};
 pub use instance::{InstanceWeightsConfig, InstanceWeightsMixer};
 pub use mixer::Mixer;
 pub use self_attention::SelfAttentionMixer;
+pub use shared::SharedMixer;
+pub use spec::Spec;

@@ -5,6 +5,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::checkpoint::{self, StateDict};
 use crate::error::{MixError, Result};
+use crate::spec::Spec;
 use crate::{kernels, mode};
 
 /// A module that combines stacked feature vectors `(..., n_features, mod_dim)` into `(..., mod_dim)`.
@@ -71,11 +72,30 @@ pub trait Mixer: std::fmt::Debug + Send {
     /// (`coeffs`, `project.weight`, `attention.in_proj_weight`, ...), in `state_dict` order.
     fn variables(&self) -> Vec<(&'static str, Tensor)>;
 
+    /// The class and hyper-parameters: enough, with the weights, dtype and device, to build an
+    /// identical mixer.
+    fn spec(&self) -> Spec;
+
+    /// The number of features, for the mixers that fix it (global and instance weights).
+    fn n_features(&self) -> Option<i64> {
+        self.spec().n_features()
+    }
+
+    /// The number of attention heads, for the attention mixers.
+    fn n_heads(&self) -> Option<i64> {
+        self.spec().n_heads()
+    }
+
     /// A fresh, re-initialised mixer with identical hyper-parameters, device and dtype, whose
     /// variables are created on `path` (swak's `new()`).
     fn fresh(&self, path: &nn::Path) -> Result<Self>
     where
         Self: Sized;
+
+    /// [`Mixer::fresh`] for a trait object: a boxed fresh mixer of the same class.
+    fn fresh_boxed(&self, path: &nn::Path) -> Result<Box<dyn Mixer>> {
+        self.spec().build_as(path, self.kind(), self.device())
+    }
 
     /// Copies PyTorch-trained weights into the mixer, strictly like
     /// `load_state_dict(strict=True)`: `state`'s keys must be exactly [`Mixer::variables`]' keys,
@@ -269,6 +289,17 @@ fn weighted_sum(weights: &Tensor, inp: &Tensor, shift: f64) -> Result<Tensor> {
     let weights =
         if shift == 0.0 { weights.shallow_clone() } else { weights.f_add_scalar(shift)? };
     Ok(weights.f_unsqueeze(-2)?.f_matmul(inp)?)
+}
+
+/// A boxed mixer in a tch pipeline (`nn::seq_t().add(boxed)`): forward without a mask; like tch's
+/// own modules, it panics where the fallible call returns an error.
+impl nn::ModuleT for Box<dyn Mixer> {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        match self.f_forward_t(xs, None, train) {
+            Ok(out) => out,
+            Err(err) => panic!("{}: {err}", self.spec().name()),
+        }
+    }
 }
 
 /// Implements tch's `nn::ModuleT` for a mixer as a thin wrapper over [`Mixer::f_forward_t`]

@@ -6,9 +6,12 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::attention::{self, Attend, AttentionCore, Derived, KeyWeights, LARGE_BATCH};
+use crate::attention::{
+    self, Attend, AttentionConfig, AttentionCore, Derived, KeyWeights, LARGE_BATCH,
+};
 use crate::error::Result;
 use crate::kernels::{self, Scratch};
+use crate::spec::Spec;
 use crate::MultiheadAttention;
 
 /// Combines stacked feature vectors via multi-head self-attention pooling (swak's
@@ -46,6 +49,10 @@ pub struct SelfAttentionMixer {
 }
 
 impl Attend for SelfAttentionMixer {
+    fn spec(mod_dim: i64, config: AttentionConfig) -> Spec {
+        Spec::SelfAttention { mod_dim, config }
+    }
+
     // Chunks keep their queries and keys, `(n, F, 2 D)`, at half the chunk bytes, so that they
     // stay in the cache until the weights kernel reads them.
     const CHUNK_WIDTH: i64 = 4;

@@ -37,6 +37,9 @@ impl Default for AttentionConfig {
 /// weights become one weight per feature. Both attention mixers implement it; the shared code
 /// in this module and in [`super::fast`] is generic over it.
 pub(crate) trait Attend {
+    /// The spec of a mixer of this kind.
+    fn spec(mod_dim: i64, config: AttentionConfig) -> crate::Spec;
+
     /// Bytes an inference chunk holds per byte of its input (queries, keys and their scores),
     /// which sizes the chunks so that they stay in the cache.
     const CHUNK_WIDTH: i64;
@@ -251,7 +254,17 @@ macro_rules! impl_attention_mixer {
                 mod_dim: i64,
                 config: $crate::AttentionConfig,
             ) -> $crate::Result<Self> {
-                let (kind, device) = (path.kind(), path.device());
+                Self::build(path, mod_dim, config, path.kind(), path.device())
+            }
+
+            /// [`Self::new`] in `kind` on `device`.
+            pub(crate) fn build(
+                path: &tch::nn::Path,
+                mod_dim: i64,
+                config: $crate::AttentionConfig,
+                kind: tch::Kind,
+                device: tch::Device,
+            ) -> $crate::Result<Self> {
                 let core =
                     $crate::attention::AttentionCore::new(path, mod_dim, config, kind, device)?;
                 Ok(Self { core })
@@ -333,15 +346,14 @@ macro_rules! impl_attention_mixer {
                 self.core.variables()
             }
 
+            fn spec(&self) -> $crate::Spec {
+                let (mod_dim, config) = (self.core.mod_dim, self.core.config);
+                <Self as $crate::attention::Attend>::spec(mod_dim, config)
+            }
+
             fn fresh(&self, path: &tch::nn::Path) -> $crate::Result<Self> {
-                let core = $crate::attention::AttentionCore::new(
-                    path,
-                    self.core.mod_dim,
-                    self.core.config,
-                    self.core.kind(),
-                    self.core.device(),
-                )?;
-                Ok(Self { core })
+                let (mod_dim, config) = (self.core.mod_dim, self.core.config);
+                Self::build(path, mod_dim, config, self.core.kind(), self.core.device())
             }
         }
 
