@@ -29,19 +29,25 @@ use zip::{CompressionMethod, ZipArchive};
 
 use crate::error::{MixError, Result};
 
-/// The largest `data.pkl` read, in bytes (64 MiB). `torch.save` writes 100 to 250 bytes of
-/// pickle per tensor, so this is room for about 300,000 tensors.
-pub const MAX_PICKLE_BYTES: u64 = 64 << 20;
+// The limits below are sized together: a real state dict of `MAX_TENSORS` tensors stays within
+// each of them, and a file at all of them at once makes the pickle reader hold at most about
+// 16 MiB of pickle and 40 MiB of tables (8 bytes per stack item, tuple item or memo slot, 20 per
+// dict item), however well it compresses; the tensors themselves cost libtorch about 0.6 KiB
+// each, and the tables are freed before any is made.
 
-/// The most pickle opcodes interpreted (2^24). `torch.save` writes about 35 per tensor.
-pub const MAX_PICKLE_OPCODES: u64 = 1 << 24;
+/// The largest `data.pkl` read, in bytes (16 MiB). `torch.save` writes 100 to 250 bytes of
+/// pickle per tensor.
+pub const MAX_PICKLE_BYTES: u64 = 16 << 20;
 
-/// The most memo entries (2^22). `torch.save` writes about 9 per tensor.
-pub const MAX_MEMO_ENTRIES: usize = 1 << 22;
+/// The most pickle opcodes interpreted (2^22). `torch.save` writes about 35 per tensor.
+pub const MAX_PICKLE_OPCODES: u64 = 1 << 22;
 
-/// The most tensors in one state dict (2^18 = 262,144). The largest public models have some
-/// 100,000 (a mixture of experts with a scale per weight); a 70B transformer has under 1,000.
-pub const MAX_TENSORS: usize = 1 << 18;
+/// The most memo entries (2^20). `torch.save` writes about 9 per tensor.
+pub const MAX_MEMO_ENTRIES: usize = 1 << 20;
+
+/// The most tensors in one state dict or safetensors file (2^16 = 65,536). A 70B-parameter
+/// transformer has under 1,000, a 235B mixture of experts with 128 experts per layer some 37,000.
+pub const MAX_TENSORS: usize = 1 << 16;
 
 /// The most entries in a `torch.save` zip archive, checked before the zip reader allocates its
 /// table of entries: one per storage, plus the few records `torch.save` adds.
@@ -270,34 +276,35 @@ fn read_torch_zip(file: File, path: &Path) -> Result<StateDict> {
             return Err(bad(format!("byte order {order:?} is not supported")));
         }
     }
-    let pickle = archive.read("data.pkl", MAX_PICKLE_BYTES).map_err(bad)?;
-    if pickle.len() as u64 > MAX_PICKLE_BYTES {
-        return Err(bad(format!(
-            "{}data.pkl is larger than {MAX_PICKLE_BYTES} bytes (tch-mix's MAX_PICKLE_BYTES)",
-            archive.top
-        )));
-    }
-    let pickled = Unpickler::new(&pickle).run().map_err(|e| bad(format!("data.pkl: {e}")))?;
-    let items = pickled.state_dict_items().map_err(|e| bad(format!("data.pkl: {e}")))?;
-    let mut storages: HashMap<&str, (Kind, i64, Tensor)> = HashMap::new();
-    let mut entries = Vec::with_capacity(items.len());
-    for (key, spec) in items {
-        let storage = &pickled.storages[spec.storage as usize];
-        let storage_key = pickled.str(storage.key);
-        if !storages.contains_key(storage_key) {
-            let base = archive.storage(storage_key, storage).map_err(bad)?;
-            storages.insert(storage_key, (storage.kind, storage.numel, base));
-        }
-        let (kind, numel, base) = &storages[storage_key];
-        if (*kind, *numel) != (storage.kind, storage.numel) {
+    let specs = {
+        let pickle = archive.read("data.pkl", MAX_PICKLE_BYTES).map_err(bad)?;
+        if pickle.len() as u64 > MAX_PICKLE_BYTES {
             return Err(bad(format!(
-                "{key:?}: storage {storage_key:?} is declared as {} elements of {:?} and \
-                 elsewhere as {numel} elements of {kind:?}",
-                storage.numel, storage.kind
+                "{}data.pkl is larger than {MAX_PICKLE_BYTES} bytes (tch-mix's MAX_PICKLE_BYTES)",
+                archive.top
             )));
         }
-        let tensor = pickled.view(&spec, base).map_err(|e| bad(format!("{key:?}: {e}")))?;
-        entries.push((key, tensor));
+        let pickled = Unpickler::new(&pickle).run().map_err(|e| bad(format!("data.pkl: {e}")))?;
+        pickled.state_dict().map_err(|e| bad(format!("data.pkl: {e}")))?
+        // The pickle and its tables go here, before any storage is read.
+    };
+    let mut storages: HashMap<String, (Kind, i64, Tensor)> = HashMap::new();
+    let mut entries = Vec::with_capacity(specs.len());
+    for spec in specs {
+        if !storages.contains_key(&spec.storage) {
+            let base = archive.storage(&spec.storage, spec.kind, spec.numel).map_err(bad)?;
+            storages.insert(spec.storage.clone(), (spec.kind, spec.numel, base));
+        }
+        let (kind, numel, base) = &storages[&spec.storage];
+        if (*kind, *numel) != (spec.kind, spec.numel) {
+            return Err(bad(format!(
+                "{:?}: storage {:?} is declared as {} elements of {:?} and elsewhere as {numel} \
+                 elements of {kind:?}",
+                spec.key, spec.storage, spec.numel, spec.kind
+            )));
+        }
+        let tensor = spec.view(base).map_err(|e| bad(format!("{:?}: {e}", spec.key)))?;
+        entries.push((spec.key, tensor));
     }
     Ok(StateDict::new(entries))
 }
@@ -514,17 +521,22 @@ impl TorchArchive {
     }
 
     /// The storage `<top>/data/<key>` as a flat tensor of its declared dtype and length.
-    fn storage(&mut self, key: &str, storage: &StorageRef) -> std::result::Result<Tensor, String> {
+    fn storage(
+        &mut self,
+        key: &str,
+        kind: Kind,
+        numel: i64,
+    ) -> std::result::Result<Tensor, String> {
         let name = format!("data/{key}");
-        let elt_size = storage.kind.elt_size_in_bytes() as u64;
-        let bytes = u64::try_from(storage.numel)
+        let elt_size = kind.elt_size_in_bytes() as u64;
+        let bytes = u64::try_from(numel)
             .ok()
             .and_then(|n| n.checked_mul(elt_size))
             .filter(|&n| n <= i64::MAX as u64)
             .ok_or_else(|| {
                 format!(
                     "{}{name}: {} elements of {:?} overflow a byte count",
-                    self.top, storage.numel, storage.kind
+                    self.top, numel, kind
                 )
             })?;
         let data = self.read(&name, bytes)?;
@@ -536,12 +548,12 @@ impl TorchArchive {
             };
             return Err(format!(
                 "{}{name}: {found} for {} elements of {:?} ({bytes} bytes declared)",
-                self.top, storage.numel, storage.kind
+                self.top, numel, kind
             ));
         }
         // (f_from_data_size copies numel x element size bytes without looking at the slice's
         // length: the check above is what keeps it inside `data`.)
-        Tensor::f_from_data_size(&data, &[storage.numel], storage.kind)
+        Tensor::f_from_data_size(&data, &[numel], kind)
             .map_err(|e| format!("{}{name}: {e}", self.top))
     }
 }
@@ -698,10 +710,11 @@ impl<'a> Pickled<'a> {
         self.tuple(tuple).iter().map(|&v| self.int(v).expect("checked when built")).collect()
     }
 
-    /// The root dict's `(key, tensor)` items in the order Python's dict would hold them (a key
-    /// set twice keeps its first place and its last value), every key a string, every value a
-    /// tensor, at most [`MAX_TENSORS`].
-    fn state_dict_items(&self) -> PickleResult<Vec<(String, TensorRef)>> {
+    /// The root dict's tensors in the order Python's dict would hold them (a key set twice
+    /// keeps its first place and its last value), every key a string, every value a tensor, at
+    /// most [`MAX_TENSORS`]; owned, so that the pickle and its tables can go before any storage
+    /// is read.
+    fn state_dict(&self) -> PickleResult<Vec<TensorSpec>> {
         let Value::Dict(root) = self.root else {
             return Err(format!(
                 "the pickled object is a {}, not a state dict",
@@ -735,15 +748,41 @@ impl<'a> Pickled<'a> {
                 }
             }
         }
-        Ok(items.into_iter().map(|(key, tensor)| (key.to_string(), tensor)).collect())
+        let spec = |(key, tensor): (&str, TensorRef)| {
+            let storage = self.storages[tensor.storage as usize];
+            TensorSpec {
+                key: key.to_string(),
+                storage: self.str(storage.key).to_string(),
+                kind: storage.kind,
+                numel: storage.numel,
+                offset: tensor.offset,
+                size: self.ints(tensor.size),
+                stride: self.ints(tensor.stride),
+            }
+        };
+        Ok(items.into_iter().map(spec).collect())
     }
+}
 
+/// One tensor of a state dict as its pickle describes it: a view of a storage.
+#[derive(Debug)]
+struct TensorSpec {
+    key: String,
+    /// The storage's key: its data is `<top>/data/<storage>`.
+    storage: String,
+    /// The storage's dtype and element count.
+    kind: Kind,
+    numel: i64,
+    offset: i64,
+    size: Vec<i64>,
+    stride: Vec<i64>,
+}
+
+impl TensorSpec {
     /// The tensor as a view of its storage `base`, bounds checked first: nothing is copied.
-    fn view(&self, spec: &TensorRef, base: &Tensor) -> PickleResult<Tensor> {
-        let (size, stride) = (self.ints(spec.size), self.ints(spec.stride));
-        let numel = self.storages[spec.storage as usize].numel;
-        check_view(spec.offset, &size, &stride, numel)?;
-        base.f_as_strided(&size, &stride, Some(spec.offset)).map_err(|e| e.to_string())
+    fn view(&self, base: &Tensor) -> PickleResult<Tensor> {
+        check_view(self.offset, &self.size, &self.stride, self.numel)?;
+        base.f_as_strided(&self.size, &self.stride, Some(self.offset)).map_err(|e| e.to_string())
     }
 }
 
