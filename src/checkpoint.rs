@@ -57,7 +57,7 @@ pub const MAX_ZIP_ENTRIES: u64 = MAX_TENSORS as u64 + 1024;
 pub const MAX_DIMS: usize = 64;
 
 /// Named tensors in the order of the file, keyed as in PyTorch's `state_dict()`.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct StateDict {
     entries: Vec<(String, Tensor)>,
     /// Position of each key in `entries` (the first, if a key repeats).
@@ -132,6 +132,12 @@ impl StateDict {
             .iter()
             .filter_map(|(k, t)| Some((k.strip_prefix(&dotted)?.to_string(), t.shallow_clone())));
         Self::new(entries.collect())
+    }
+}
+
+impl std::fmt::Debug for StateDict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateDict").field("entries", &self.entries).finish()
     }
 }
 
