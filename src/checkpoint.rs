@@ -6,45 +6,91 @@
 //! tuples, strings, numbers, `torch._utils._rebuild_tensor_v2` / `_rebuild_parameter` and the
 //! `torch.*Storage` types) and refuses anything else, like `torch.load(weights_only=True)`.
 //!
+//! The reader is built for files it did not write. A pickled value is a small `Copy` handle into
+//! flat tables, so sharing one through the memo costs 8 bytes however big it is, and nothing is
+//! recursive: no nesting depth can overflow the stack while a value is built, read or dropped.
+//! Dict items are appended, and only the state dict itself is de-duplicated, once, at the end.
+//! Every size, stride, offset and element count is checked arithmetic; a tensor is a view of
+//! its storage, never a copy (a stride-0 view of one stored number allocates nothing); no zip
+//! entry is read past the size that its storage declares. The `MAX_*` constants below bound what
+//! a file can make the reader do; each is far above what a real state dict needs.
+//!
 //! [`Mixer::load_state`](crate::Mixer::load_state) and [`load_var_store`] copy the weights like
 //! `load_state_dict(strict=True)`: one error lists every missing key, every unexpected key and
 //! every shape mismatch, and nothing is copied unless everything fits.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use tch::{nn, Kind, Tensor};
+use zip::{CompressionMethod, ZipArchive};
 
 use crate::error::{MixError, Result};
 
+// The limits below are sized together: a real state dict of `MAX_TENSORS` tensors stays within
+// each of them, and a file at all of them at once makes the pickle reader hold at most about
+// 16 MiB of pickle and 40 MiB of tables (8 bytes per stack item, tuple item or memo slot, 20 per
+// dict item), however well it compresses; the tensors themselves cost libtorch about 0.6 KiB
+// each, and the tables are freed before any is made.
+
+/// The largest `data.pkl` read, in bytes (16 MiB). `torch.save` writes 100 to 250 bytes of
+/// pickle per tensor.
+pub const MAX_PICKLE_BYTES: u64 = 16 << 20;
+
+/// The most pickle opcodes interpreted (2^22). `torch.save` writes about 35 per tensor.
+pub const MAX_PICKLE_OPCODES: u64 = 1 << 22;
+
+/// The most memo entries (2^20). `torch.save` writes about 9 per tensor.
+pub const MAX_MEMO_ENTRIES: usize = 1 << 20;
+
+/// The most tensors in one state dict or safetensors file (2^16 = 65,536). A 70B-parameter
+/// transformer has under 1,000, a 235B mixture of experts with 128 experts per layer some 37,000.
+pub const MAX_TENSORS: usize = 1 << 16;
+
+/// The most entries in a `torch.save` zip archive, checked before the zip reader allocates its
+/// table of entries: one per storage, plus the few records `torch.save` adds.
+pub const MAX_ZIP_ENTRIES: u64 = MAX_TENSORS as u64 + 1024;
+
+/// The most dimensions of one tensor.
+pub const MAX_DIMS: usize = 64;
+
 /// Named tensors in the order of the file, keyed as in PyTorch's `state_dict()`.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct StateDict {
     entries: Vec<(String, Tensor)>,
+    /// Position of each key in `entries` (the first, if a key repeats).
+    index: HashMap<String, usize>,
 }
 
 impl StateDict {
     /// Wraps named tensors.
     pub fn new(entries: Vec<(String, Tensor)>) -> Self {
-        Self { entries }
+        let mut index = HashMap::with_capacity(entries.len());
+        for (i, (key, _)) in entries.iter().enumerate() {
+            index.entry(key.clone()).or_insert(i);
+        }
+        Self { entries, index }
     }
 
     /// Reads a `.safetensors` file or a `torch.save(state_dict)` zip archive, told apart by their
-    /// first bytes. Tensors stay on the CPU in their stored dtype.
+    /// first bytes. Tensors stay on the CPU in their stored dtype; those of a zip archive are
+    /// views of its storages, as in PyTorch (tensors that shared a storage still share it).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = read_bytes(path)?;
-        if bytes.starts_with(b"PK\x03\x04") {
-            read_torch_zip(&bytes, path)
-        } else if bytes.first() == Some(&0x80) {
-            Err(format_error(
-                path,
-                "legacy torch.save format (_use_new_zipfile_serialization=False) is not supported; \
-                 re-save with torch.save's default",
-            ))
-        } else {
-            Ok(Self::new(read_safetensors(&bytes, path)?.0))
+        let io_error = |source| MixError::Io { path: path.display().to_string(), source };
+        let mut file = File::open(path).map_err(io_error)?;
+        let mut head = Vec::with_capacity(4);
+        (&mut file).take(4).read_to_end(&mut head).map_err(io_error)?;
+        match sniff(&head) {
+            Sniffed::TorchZip => read_torch_zip(file, path),
+            Sniffed::TorchLegacy => Err(format_error(path, LEGACY)),
+            Sniffed::Other => {
+                let mut bytes = head;
+                file.read_to_end(&mut bytes).map_err(io_error)?;
+                Ok(Self::new(read_safetensors(&bytes, path)?.0))
+            }
         }
     }
 
@@ -55,7 +101,7 @@ impl StateDict {
 
     /// The tensor under `key`, if any.
     pub fn get(&self, key: &str) -> Option<&Tensor> {
-        self.entries.iter().find(|(k, _)| k == key).map(|(_, t)| t)
+        self.index.get(key).map(|&i| &self.entries[i].1)
     }
 
     /// All `(key, tensor)` pairs, in file order.
@@ -89,6 +135,12 @@ impl StateDict {
     }
 }
 
+impl std::fmt::Debug for StateDict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateDict").field("entries", &self.entries).finish()
+    }
+}
+
 /// Copies `state` into the variables of `vs`, strictly: the VarStore's variable names
 /// (`mix.coeffs`, ...) must be exactly the state's keys, with the same shapes. Values are
 /// converted to each variable's dtype and device.
@@ -97,7 +149,8 @@ pub fn load_var_store(vs: &nn::VarStore, state: &StateDict) -> Result<()> {
 }
 
 /// Copies `state` into `targets` after checking that keys and shapes match exactly; reports every
-/// problem at once and copies nothing if there is one.
+/// problem at once and copies nothing if there is one. `copy_` converts dtype and device on the
+/// way, so a view (a stride-0 one included) is only ever materialised into its variable.
 pub(crate) fn copy_strict(targets: Vec<(String, Tensor)>, state: &StateDict) -> Result<()> {
     let wanted: HashSet<&str> = targets.iter().map(|(k, _)| k.as_str()).collect();
     let mut missing = Vec::new();
@@ -119,9 +172,7 @@ pub(crate) fn copy_strict(targets: Vec<(String, Tensor)>, state: &StateDict) -> 
     }
     tch::no_grad(|| -> Result<()> {
         for (key, mut target) in targets {
-            let source = state.get(&key).expect("checked above");
-            let source = source.f_to_kind(target.kind())?.f_to_device(target.device())?;
-            target.f_copy_(&source)?;
+            target.f_copy_(state.get(&key).expect("checked above"))?;
         }
         Ok(())
     })
@@ -131,8 +182,32 @@ fn format_error(path: &Path, reason: impl Into<String>) -> MixError {
     MixError::Format { path: path.display().to_string(), reason: reason.into() }
 }
 
-fn read_bytes(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| MixError::Io { path: path.display().to_string(), source })
+const LEGACY: &str = "legacy torch.save format (_use_new_zipfile_serialization=False) is not \
+                      supported; re-save with torch.save's default";
+
+/// What the first bytes of a file say it is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Sniffed {
+    /// A zip archive: what `torch.save` writes by default.
+    TorchZip,
+    /// A bare pickle: `torch.save(..., _use_new_zipfile_serialization=False)`.
+    TorchLegacy,
+    /// Anything else, safetensors included.
+    Other,
+}
+
+/// Tells a `torch.save` file from anything else by its first bytes (`PK\x03\x04` or
+/// `PK\x05\x06` for a zip archive; for the legacy format, a pickle's PROTO opcode and the LONG1
+/// opcode of PyTorch's magic number, which begins every such file). A lone PROTO byte is not
+/// enough: a safetensors file begins with its header's length, whose first byte may be 0x80.
+pub(crate) fn sniff(head: &[u8]) -> Sniffed {
+    if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+        Sniffed::TorchZip
+    } else if head.len() >= 4 && head[0] == 0x80 && head[1] <= 5 && head[2..4] == [0x8a, 0x0a] {
+        Sniffed::TorchLegacy
+    } else {
+        Sniffed::Other
+    }
 }
 
 /// Named tensors and the string metadata of a safetensors file.
@@ -144,8 +219,15 @@ pub(crate) fn read_safetensors(bytes: &[u8], path: &Path) -> Result<SafetensorsC
     let not_safetensors = |e: safetensors::SafeTensorError| {
         format_error(path, format!("neither a torch.save zip archive nor safetensors ({e:?})"))
     };
+    check_safetensors_offsets(bytes).map_err(not_safetensors)?;
     let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(not_safetensors)?;
     let tensors = SafeTensors::deserialize(bytes).map_err(not_safetensors)?;
+    if tensors.len() > MAX_TENSORS {
+        return Err(format_error(
+            path,
+            format!("{} tensors, more than the {MAX_TENSORS} tch-mix reads", tensors.len()),
+        ));
+    }
     let mut entries = Vec::with_capacity(tensors.len());
     for (name, view) in tensors.tensors() {
         let tensor = Tensor::try_from(view)
@@ -156,153 +238,401 @@ pub(crate) fn read_safetensors(bytes: &[u8], path: &Path) -> Result<SafetensorsC
     Ok((entries, metadata.metadata().clone().unwrap_or_default()))
 }
 
-/// Reads a `torch.save` zip archive: `<dir>/data.pkl` plus one `<dir>/data/<key>` per storage.
-fn read_torch_zip(bytes: &[u8], path: &Path) -> Result<StateDict> {
-    let bad = |reason: String| format_error(path, reason);
-    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes))
-        .map_err(|e| bad(format!("not a readable torch.save zip archive ({e})")))?;
-    let pickle_name = archive
-        .file_names()
-        .find(|name| name.ends_with("data.pkl"))
-        .map(str::to_string)
-        .ok_or_else(|| bad("zip archive without data.pkl: not written by torch.save".into()))?;
-    let dir = pickle_name.trim_end_matches("data.pkl").to_string();
-    let mut read_entry = |name: &str| -> Result<Option<Vec<u8>>> {
-        let mut file = match archive.by_name(name) {
-            Ok(file) => file,
-            Err(zip::result::ZipError::FileNotFound) => return Ok(None),
-            Err(e) => return Err(bad(format!("{name}: {e}"))),
-        };
-        let mut buffer = Vec::new();
-        file.read_to_end(&mut buffer).map_err(|e| bad(format!("{name}: {e}")))?;
-        Ok(Some(buffer))
+/// The safetensors crate (0.3) adds the data's end offset to the header's length unchecked: an
+/// offset near `usize::MAX` panics there in debug builds. No offset can exceed the file's length,
+/// so this refuses the header first if a number in a `"data_offsets": [...]` array does.
+fn check_safetensors_offsets(
+    bytes: &[u8],
+) -> std::result::Result<(), safetensors::SafeTensorError> {
+    let Some(len) = bytes.get(..8) else { return Ok(()) };
+    let len = u64::from_le_bytes(len.try_into().expect("8 bytes"));
+    let Some(header) = usize::try_from(len).ok().and_then(|n| bytes.get(8..n.checked_add(8)?))
+    else {
+        return Ok(()); // the crate reports this one cleanly
     };
-    if let Some(order) = read_entry(&format!("{dir}byteorder"))? {
-        if order != b"little" {
-            return Err(bad(format!(
-                "byte order {:?} is not supported",
-                String::from_utf8_lossy(&order)
-            )));
+    const KEY: &[u8] = b"\"data_offsets\"";
+    let mut rest = header;
+    while let Some(at) = rest.windows(KEY.len()).position(|w| w == KEY) {
+        rest = &rest[at + KEY.len()..];
+        let array = rest.iter().position(|b| !b" \t\r\n:".contains(b));
+        if array.map(|i| rest[i]) != Some(b'[') {
+            continue;
+        }
+        let end = rest.iter().position(|&b| b == b']').unwrap_or(rest.len());
+        for number in rest[..end].split(|b| !b.is_ascii_digit()).filter(|n| !n.is_empty()) {
+            let text = String::from_utf8_lossy(number);
+            if text.parse::<u64>().map_or(true, |n| n > bytes.len() as u64) {
+                return Err(safetensors::SafeTensorError::InvalidOffset(text.into()));
+            }
         }
     }
-    let pickle = read_entry(&pickle_name)?.expect("listed above");
-    let root = Unpickler::new(&pickle).run().map_err(|e| bad(format!("data.pkl: {e}")))?;
-    let Value::Dict(items) = root else {
-        return Err(bad(format!("the pickled object is a {}, not a state dict", root.type_name())));
-    };
-    let mut storages: HashMap<String, Tensor> = HashMap::new();
-    let mut entries = Vec::with_capacity(items.len());
-    for (key, value) in items {
-        let Value::Str(key) = key else {
-            return Err(bad(format!("state dict key {} is not a string", key.type_name())));
-        };
-        let Value::Tensor(spec) = value else {
-            return Err(bad(format!("{key:?} holds a {}, not a tensor", value.type_name())));
-        };
-        if !storages.contains_key(&spec.storage.key) {
-            let name = format!("{dir}data/{}", spec.storage.key);
-            let data = read_entry(&name)?.ok_or_else(|| bad(format!("{name} is missing")))?;
-            let storage =
-                storage_tensor(&data, &spec.storage).map_err(|e| bad(format!("{name}: {e}")))?;
-            storages.insert(spec.storage.key.clone(), storage);
+    Ok(())
+}
+
+/// Reads a `torch.save` zip archive: `<top>/data.pkl` plus one `<top>/data/<key>` per storage.
+fn read_torch_zip(file: File, path: &Path) -> Result<StateDict> {
+    let bad = |reason: String| format_error(path, reason);
+    let mut reader = WindowedFile::new(file).map_err(|e| bad(e.to_string()))?;
+    let file_len = reader.len;
+    check_zip_end(&mut reader).map_err(bad)?;
+    let archive = ZipArchive::new(reader)
+        .map_err(|e| bad(format!("not a readable torch.save zip archive ({e})")))?;
+    let mut archive = TorchArchive::new(archive, file_len).map_err(bad)?;
+    if let Some(order) = archive.read_optional("byteorder", 16).map_err(bad)? {
+        if order != b"little" {
+            let order = String::from_utf8_lossy(&order);
+            return Err(bad(format!("byte order {order:?} is not supported")));
         }
-        let tensor =
-            spec.view(&storages[&spec.storage.key]).map_err(|e| bad(format!("{key:?}: {e}")))?;
-        entries.push((key, tensor));
+    }
+    let specs = {
+        let pickle = archive.read("data.pkl", MAX_PICKLE_BYTES).map_err(bad)?;
+        if pickle.len() as u64 > MAX_PICKLE_BYTES {
+            return Err(bad(format!(
+                "{}data.pkl is larger than {MAX_PICKLE_BYTES} bytes (tch-mix's MAX_PICKLE_BYTES)",
+                archive.top
+            )));
+        }
+        let pickled = Unpickler::new(&pickle).run().map_err(|e| bad(format!("data.pkl: {e}")))?;
+        pickled.state_dict().map_err(|e| bad(format!("data.pkl: {e}")))?
+        // The pickle and its tables go here, before any storage is read.
+    };
+    let mut storages: HashMap<String, (Kind, i64, Tensor)> = HashMap::new();
+    let mut entries = Vec::with_capacity(specs.len());
+    for spec in specs {
+        if !storages.contains_key(&spec.storage) {
+            let base = archive.storage(&spec.storage, spec.kind, spec.numel).map_err(bad)?;
+            storages.insert(spec.storage.clone(), (spec.kind, spec.numel, base));
+        }
+        let (kind, numel, base) = &storages[&spec.storage];
+        if (*kind, *numel) != (spec.kind, spec.numel) {
+            return Err(bad(format!(
+                "{:?}: storage {:?} is declared as {} elements of {:?} and elsewhere as {numel} \
+                 elements of {kind:?}",
+                spec.key, spec.storage, spec.numel, spec.kind
+            )));
+        }
+        let tensor = spec.view(base).map_err(|e| bad(format!("{:?}: {e}", spec.key)))?;
+        entries.push((spec.key, tensor));
     }
     Ok(StateDict::new(entries))
 }
 
-/// A storage as named by a pickled persistent id: `('storage', torch.FloatStorage, key, location, numel)`.
-#[derive(Debug, Clone)]
-struct StorageRef {
-    kind: Kind,
-    key: String,
-    numel: i64,
+/// A file read through a 64 KiB window, so that seeking costs nothing. The zip reader seeks back
+/// and forth (byte by byte while it looks for the end of the archive), which would make a
+/// `BufReader` drop and refill its buffer at every step.
+struct WindowedFile {
+    file: File,
+    len: u64,
+    pos: u64,
+    start: u64,
+    window: Vec<u8>,
 }
 
-/// The arguments of `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`.
-#[derive(Debug, Clone)]
-struct TensorSpec {
-    storage: StorageRef,
-    offset: i64,
-    size: Vec<i64>,
-    stride: Vec<i64>,
+impl WindowedFile {
+    const WINDOW: u64 = 64 << 10;
+
+    fn new(file: File) -> io::Result<Self> {
+        let len = file.metadata()?.len();
+        Ok(Self { file, len, pos: 0, start: 0, window: Vec::new() })
+    }
 }
 
-impl TensorSpec {
-    /// The tensor as a contiguous copy of its strided view, bounds checked first.
-    fn view(&self, storage: &Tensor) -> std::result::Result<Tensor, String> {
-        if self.size.len() != self.stride.len()
-            || self.size.iter().chain(&self.stride).any(|&n| n < 0)
-        {
-            return Err(format!("invalid size {:?} / stride {:?}", self.size, self.stride));
+impl Read for WindowedFile {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() || self.pos >= self.len {
+            return Ok(0);
         }
-        let numel: i64 = self.size.iter().product();
-        if numel > 0 {
-            let last = self.offset
-                + self.size.iter().zip(&self.stride).map(|(n, s)| (n - 1) * s).sum::<i64>();
-            if self.offset < 0 || last >= self.storage.numel {
-                return Err(format!(
-                    "view (offset {}, size {:?}, stride {:?}) exceeds its storage of {} elements",
-                    self.offset, self.size, self.stride, self.storage.numel
-                ));
+        let end = self.start + self.window.len() as u64;
+        if !(self.start..end).contains(&self.pos) {
+            if buf.len() as u64 >= Self::WINDOW {
+                // A large read (a storage): straight from the file.
+                self.file.seek(SeekFrom::Start(self.pos))?;
+                let n = self.file.read(buf)?;
+                self.pos += n as u64;
+                return Ok(n);
+            }
+            self.start = self.pos - self.pos % Self::WINDOW;
+            self.file.seek(SeekFrom::Start(self.start))?;
+            self.window.clear();
+            (&mut self.file).take(Self::WINDOW).read_to_end(&mut self.window)?;
+            if self.pos >= self.start + self.window.len() as u64 {
+                return Ok(0);
             }
         }
-        let view = storage
-            .f_as_strided(&self.size, &self.stride, Some(self.offset))
-            .and_then(|t| t.f_contiguous())
-            .map_err(|e| e.to_string())?;
-        Ok(view)
+        let offset = (self.pos - self.start) as usize;
+        let n = buf.len().min(self.window.len() - offset);
+        buf[..n].copy_from_slice(&self.window[offset..offset + n]);
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 
-fn storage_tensor(data: &[u8], storage: &StorageRef) -> std::result::Result<Tensor, String> {
-    let expected = storage.numel as usize * storage.kind.elt_size_in_bytes();
-    if data.len() != expected {
+impl Seek for WindowedFile {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let pos = match to {
+            SeekFrom::Start(n) => Some(n),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = pos.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad seek"))?;
+        Ok(self.pos)
+    }
+}
+
+/// Checks the zip's end records before the zip reader trusts them. That reader reserves room for
+/// as many entries as a ZIP64 end record claims (up to the file's length: an abort on a large
+/// file), and when the ZIP64 record is not where its locator points, it searches for it byte by
+/// byte up to the end of the file. PyTorch writes the record where its locator points, and at
+/// most [`MAX_ZIP_ENTRIES`] entries.
+fn check_zip_end(reader: &mut WindowedFile) -> std::result::Result<(), String> {
+    const EOCD: u64 = 22;
+    let len = reader.len;
+    let mut read_at = |pos: u64, n: u64| -> io::Result<Vec<u8>> {
+        reader.seek(SeekFrom::Start(pos))?;
+        let mut bytes = Vec::with_capacity(n as usize);
+        (&mut *reader).take(n).read_to_end(&mut bytes)?;
+        Ok(bytes)
+    };
+    let tail_len = len.min(EOCD + u64::from(u16::MAX));
+    let tail = read_at(len - tail_len, tail_len).map_err(|e| e.to_string())?;
+    // The zip reader takes the last end record (its signature alone) within the tail.
+    let Some(at) = tail
+        .len()
+        .checked_sub(EOCD as usize)
+        .and_then(|last| (0..=last).rev().find(|&i| tail[i..].starts_with(b"PK\x05\x06")))
+    else {
+        return Ok(()); // not a zip archive: the zip reader says so
+    };
+    let comment_len = u64::from(u16::from_le_bytes([tail[at + 20], tail[at + 21]]));
+    // Where the zip reader looks for the ZIP64 locator: before the record and its comment.
+    let Some(locator_at) = len.checked_sub(20 + EOCD + comment_len) else { return Ok(()) };
+    let locator = read_at(locator_at, 20).map_err(|e| e.to_string())?;
+    if !locator.starts_with(b"PK\x06\x07") || locator.len() < 16 {
+        return Ok(());
+    }
+    let record_at = u64::from_le_bytes(locator[8..16].try_into().expect("8 bytes"));
+    let record = read_at(record_at, 40).map_err(|e| e.to_string())?;
+    if !record.starts_with(b"PK\x06\x06") || record.len() < 40 {
         return Err(format!(
-            "{} bytes for {} elements of {:?} ({expected} bytes expected)",
-            data.len(),
-            storage.numel,
-            storage.kind
+            "the ZIP64 end record is not at offset {record_at}, where its locator points"
         ));
     }
-    Tensor::f_from_data_size(data, &[storage.numel], storage.kind).map_err(|e| e.to_string())
+    let entries = u64::from_le_bytes(record[32..40].try_into().expect("8 bytes"));
+    if entries > MAX_ZIP_ENTRIES {
+        return Err(format!(
+            "the zip archive claims {entries} entries, more than the {MAX_ZIP_ENTRIES} tch-mix \
+             reads (MAX_ZIP_ENTRIES)"
+        ));
+    }
+    Ok(())
+}
+
+/// A zip archive laid out as `torch.save` writes it: every entry in one top-level folder, with
+/// `<top>/data.pkl` among them, no name twice.
+struct TorchArchive {
+    archive: ZipArchive<WindowedFile>,
+    /// The top-level folder with its slash, `archive/`.
+    top: String,
+    file_len: u64,
+}
+
+impl TorchArchive {
+    fn new(archive: ZipArchive<WindowedFile>, file_len: u64) -> std::result::Result<Self, String> {
+        let mut names: Vec<&str> = archive.file_names().collect();
+        if names.len() != archive.len() {
+            return Err(Self::duplicate(archive));
+        }
+        // Sorted, so that what is reported does not depend on the zip reader's hash order.
+        names.sort_unstable();
+        let mut top: Option<&str> = None;
+        for name in &names {
+            let Some((folder, _)) = name.split_once('/') else {
+                return Err(format!(
+                    "entry {name:?} is not in a folder: not written by torch.save"
+                ));
+            };
+            match top {
+                None => top = Some(folder),
+                Some(first) if first != folder => {
+                    return Err(format!(
+                        "entries in two top-level folders, {first:?} and {folder:?}: a \
+                         torch.save archive has one, and tch-mix does not guess which is meant"
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        let top = format!("{}/", top.unwrap_or_default());
+        if names.binary_search(&format!("{top}data.pkl").as_str()).is_err() {
+            return Err(format!("zip archive without {top}data.pkl: not written by torch.save"));
+        }
+        Ok(Self { archive, top, file_len })
+    }
+
+    /// The error for an archive that names one entry twice (found by index, in file order).
+    fn duplicate(mut archive: ZipArchive<WindowedFile>) -> String {
+        let mut seen = HashSet::new();
+        for i in 0..archive.len() {
+            match archive.by_index_raw(i) {
+                Ok(entry) if !seen.insert(entry.name().to_string()) => {
+                    return format!(
+                        "entry {:?} appears twice in the zip archive: refusing to pick one",
+                        entry.name()
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => return format!("zip entry {i}: {e}"),
+            }
+        }
+        "an entry appears twice in the zip archive".to_string()
+    }
+
+    /// Reads `<top>/<name>`, at most `limit + 1` bytes of it (so that the caller can tell an
+    /// entry longer than `limit`), or `None` if there is no such entry.
+    fn read_optional(
+        &mut self,
+        name: &str,
+        limit: u64,
+    ) -> std::result::Result<Option<Vec<u8>>, String> {
+        let name = format!("{}{name}", self.top);
+        let entry = match self.archive.by_name(&name) {
+            Ok(entry) => entry,
+            Err(zip::result::ZipError::FileNotFound) => return Ok(None),
+            Err(e) => return Err(format!("{name}: {e}")),
+        };
+        match entry.compression() {
+            CompressionMethod::Stored | CompressionMethod::Deflated => {}
+            other => {
+                return Err(format!(
+                    "{name}: compression method {other} is not supported (torch.save stores its \
+                     entries uncompressed; torch.load reads stored and deflated ones)"
+                ))
+            }
+        }
+        // Reserve what the entry should hold, but never more than the zip entry says it holds
+        // or the file could: the pickle's numbers are not trusted with an allocation (nor the
+        // zip's; a lie only costs the vector's growth).
+        let reserve = limit.min(entry.size()).min(self.file_len).saturating_add(1);
+        let mut data = Vec::with_capacity(usize::try_from(reserve).unwrap_or(0));
+        entry
+            .take(limit.saturating_add(1))
+            .read_to_end(&mut data)
+            .map_err(|e| format!("{name}: {e}"))?;
+        Ok(Some(data))
+    }
+
+    /// Reads `<top>/<name>` as [`TorchArchive::read_optional`], which must exist.
+    fn read(&mut self, name: &str, limit: u64) -> std::result::Result<Vec<u8>, String> {
+        let top = &self.top;
+        let missing = format!("{top}{name} is missing");
+        self.read_optional(name, limit)?.ok_or(missing)
+    }
+
+    /// The storage `<top>/data/<key>` as a flat tensor of its declared dtype and length.
+    fn storage(
+        &mut self,
+        key: &str,
+        kind: Kind,
+        numel: i64,
+    ) -> std::result::Result<Tensor, String> {
+        let name = format!("data/{key}");
+        let elt_size = kind.elt_size_in_bytes() as u64;
+        let bytes = u64::try_from(numel)
+            .ok()
+            .and_then(|n| n.checked_mul(elt_size))
+            .filter(|&n| n <= i64::MAX as u64)
+            .ok_or_else(|| {
+                format!(
+                    "{}{name}: {} elements of {:?} overflow a byte count",
+                    self.top, numel, kind
+                )
+            })?;
+        let data = self.read(&name, bytes)?;
+        if data.len() as u64 != bytes {
+            let found = if data.len() as u64 > bytes {
+                format!("more than {bytes} bytes")
+            } else {
+                format!("{} bytes", data.len())
+            };
+            return Err(format!(
+                "{}{name}: {found} for {} elements of {:?} ({bytes} bytes declared)",
+                self.top, numel, kind
+            ));
+        }
+        // (f_from_data_size copies numel x element size bytes without looking at the slice's
+        // length: the check above is what keeps it inside `data`.)
+        Tensor::f_from_data_size(&data, &[numel], kind)
+            .map_err(|e| format!("{}{name}: {e}", self.top))
+    }
 }
 
 fn storage_kind(name: &str) -> Option<Kind> {
     let kind = match name {
-        "torch.FloatStorage" => Kind::Float,
-        "torch.DoubleStorage" => Kind::Double,
-        "torch.HalfStorage" => Kind::Half,
-        "torch.BFloat16Storage" => Kind::BFloat16,
-        "torch.LongStorage" => Kind::Int64,
-        "torch.IntStorage" => Kind::Int,
-        "torch.ShortStorage" => Kind::Int16,
-        "torch.CharStorage" => Kind::Int8,
-        "torch.ByteStorage" => Kind::Uint8,
-        "torch.BoolStorage" => Kind::Bool,
+        "FloatStorage" => Kind::Float,
+        "DoubleStorage" => Kind::Double,
+        "HalfStorage" => Kind::Half,
+        "BFloat16Storage" => Kind::BFloat16,
+        "LongStorage" => Kind::Int64,
+        "IntStorage" => Kind::Int,
+        "ShortStorage" => Kind::Int16,
+        "CharStorage" => Kind::Int8,
+        "ByteStorage" => Kind::Uint8,
+        "BoolStorage" => Kind::Bool,
         _ => return None,
     };
     Some(kind)
 }
 
-/// The values a state-dict pickle is made of.
-#[derive(Debug, Clone)]
+/// The callables and types a state-dict pickle may name with GLOBAL.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Global {
+    /// `collections.OrderedDict`.
+    OrderedDict,
+    /// `torch._utils._rebuild_tensor_v2`.
+    RebuildTensor,
+    /// `torch._utils._rebuild_parameter`.
+    RebuildParameter,
+    /// `torch.FloatStorage` and the like.
+    Storage(Kind),
+}
+
+impl Global {
+    fn new(module: &str, name: &str) -> Option<Self> {
+        match (module, name) {
+            ("collections", "OrderedDict") => Some(Self::OrderedDict),
+            ("torch._utils", "_rebuild_tensor_v2") => Some(Self::RebuildTensor),
+            ("torch._utils", "_rebuild_parameter") => Some(Self::RebuildParameter),
+            ("torch", name) => storage_kind(name).map(Self::Storage),
+            _ => None,
+        }
+    }
+}
+
+/// One pickled value: a small `Copy` handle. Strings, tuples, dicts, storages and tensors live in
+/// the tables of [`Pickled`] and are referenced by index, so copying a value (the memo, BINGET)
+/// shares it, like Python does, and costs 8 bytes.
+#[derive(Debug, Clone, Copy)]
 enum Value {
     None,
     Bool,
-    Int(i64),
+    /// A float's value is never needed by a state dict; only its place.
     Float,
-    Str(String),
-    Tuple(Vec<Value>),
-    List(Vec<Value>),
-    Dict(Vec<(Value, Value)>),
-    /// A callable or type named by GLOBAL, one of the few allowed.
-    Global(String),
-    Storage(StorageRef),
-    Tensor(TensorSpec),
-    Mark,
+    Int(i32),
+    /// An int outside `i32`: index into `Pickled::longs`.
+    Long(u32),
+    /// Index into `Pickled::strs`.
+    Str(u32),
+    /// Index into `Pickled::tuples`.
+    Tuple(u32),
+    /// A list's items are never needed by a state dict, so they are not kept.
+    List,
+    /// A dict's id; its items are the entries of `Pickled::dict_items` with this id.
+    Dict(u32),
+    Global(Global),
+    /// Index into `Pickled::storages`.
+    Storage(u32),
+    /// Index into `Pickled::tensors`.
+    Tensor(u32),
 }
 
 impl Value {
@@ -310,46 +640,235 @@ impl Value {
         match self {
             Value::None => "None",
             Value::Bool => "bool",
-            Value::Int(_) => "int",
+            Value::Int(_) | Value::Long(_) => "int",
             Value::Float => "float",
             Value::Str(_) => "str",
             Value::Tuple(_) => "tuple",
-            Value::List(_) => "list",
+            Value::List => "list",
             Value::Dict(_) => "dict",
             Value::Global(_) => "global",
             Value::Storage(_) => "storage",
             Value::Tensor(_) => "tensor",
-            Value::Mark => "mark",
         }
     }
 }
 
-const ALLOWED_GLOBALS: [&str; 3] = [
-    "collections.OrderedDict",
-    "torch._utils._rebuild_tensor_v2",
-    "torch._utils._rebuild_parameter",
-];
+/// A storage as named by a pickled persistent id: `('storage', torch.FloatStorage, key, location, numel)`.
+#[derive(Debug, Clone, Copy)]
+struct StorageRef {
+    kind: Kind,
+    /// Index into `Pickled::strs`.
+    key: u32,
+    numel: i64,
+}
 
-/// A pickle reader for state dicts: it interprets the opcodes that `torch.save` writes for one and
-/// builds [`Value`]s, calling no Python and refusing every other global.
-struct Unpickler<'a> {
+/// The arguments of `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`, with
+/// size and stride as tuples of ints of the same length (checked when it was built).
+#[derive(Debug, Clone, Copy)]
+struct TensorRef {
+    /// Index into `Pickled::storages`.
+    storage: u32,
+    offset: i64,
+    /// Index into `Pickled::tuples`.
+    size: u32,
+    /// Index into `Pickled::tuples`.
+    stride: u32,
+}
+
+/// What a pickle built: flat tables that [`Value`]s index into, and the root object.
+struct Pickled<'a> {
+    /// The pickle itself: strings are ranges of it.
     data: &'a [u8],
-    pos: usize,
-    stack: Vec<Value>,
-    memo: HashMap<u32, Value>,
+    /// `(start, end)` of each string in `data`, checked to be UTF-8.
+    strs: Vec<(u32, u32)>,
+    longs: Vec<i64>,
+    /// `(start, end)` of each tuple's items in `tuple_items`.
+    tuples: Vec<(u32, u32)>,
+    tuple_items: Vec<Value>,
+    dicts: u32,
+    /// `(dict id, key, value)`, in the order they were set; a key set twice appears twice.
+    dict_items: Vec<(u32, Value, Value)>,
+    storages: Vec<StorageRef>,
+    tensors: Vec<TensorRef>,
+    root: Value,
 }
 
 type PickleResult<T> = std::result::Result<T, String>;
 
+impl<'a> Pickled<'a> {
+    fn str(&self, index: u32) -> &'a str {
+        let (start, end) = self.strs[index as usize];
+        std::str::from_utf8(&self.data[start as usize..end as usize]).expect("checked when read")
+    }
+
+    fn tuple(&self, index: u32) -> &[Value] {
+        let (start, end) = self.tuples[index as usize];
+        &self.tuple_items[start as usize..end as usize]
+    }
+
+    fn int(&self, value: Value) -> Option<i64> {
+        match value {
+            Value::Int(n) => Some(i64::from(n)),
+            Value::Long(i) => Some(self.longs[i as usize]),
+            _ => None,
+        }
+    }
+
+    fn ints(&self, tuple: u32) -> Vec<i64> {
+        self.tuple(tuple).iter().map(|&v| self.int(v).expect("checked when built")).collect()
+    }
+
+    /// The root dict's tensors in the order Python's dict would hold them (a key set twice
+    /// keeps its first place and its last value), every key a string, every value a tensor, at
+    /// most [`MAX_TENSORS`]; owned, so that the pickle and its tables can go before any storage
+    /// is read.
+    fn state_dict(&self) -> PickleResult<Vec<TensorSpec>> {
+        let Value::Dict(root) = self.root else {
+            return Err(format!(
+                "the pickled object is a {}, not a state dict",
+                self.root.type_name()
+            ));
+        };
+        let mut items: Vec<(&str, TensorRef)> = Vec::new();
+        let mut place: HashMap<&str, usize> = HashMap::new();
+        for &(dict, key, value) in &self.dict_items {
+            if dict != root {
+                continue;
+            }
+            let Value::Str(key) = key else {
+                return Err(format!("state dict key {} is not a string", key.type_name()));
+            };
+            let key = self.str(key);
+            let Value::Tensor(tensor) = value else {
+                return Err(format!("{key:?} holds a {}, not a tensor", value.type_name()));
+            };
+            let tensor = self.tensors[tensor as usize];
+            match place.get(key) {
+                Some(&i) => items[i].1 = tensor,
+                None => {
+                    if items.len() == MAX_TENSORS {
+                        return Err(format!(
+                            "more than {MAX_TENSORS} tensors (tch-mix's MAX_TENSORS)"
+                        ));
+                    }
+                    place.insert(key, items.len());
+                    items.push((key, tensor));
+                }
+            }
+        }
+        let spec = |(key, tensor): (&str, TensorRef)| {
+            let storage = self.storages[tensor.storage as usize];
+            TensorSpec {
+                key: key.to_string(),
+                storage: self.str(storage.key).to_string(),
+                kind: storage.kind,
+                numel: storage.numel,
+                offset: tensor.offset,
+                size: self.ints(tensor.size),
+                stride: self.ints(tensor.stride),
+            }
+        };
+        Ok(items.into_iter().map(spec).collect())
+    }
+}
+
+/// One tensor of a state dict as its pickle describes it: a view of a storage.
+#[derive(Debug)]
+struct TensorSpec {
+    key: String,
+    /// The storage's key: its data is `<top>/data/<storage>`.
+    storage: String,
+    /// The storage's dtype and element count.
+    kind: Kind,
+    numel: i64,
+    offset: i64,
+    size: Vec<i64>,
+    stride: Vec<i64>,
+}
+
+impl TensorSpec {
+    /// The tensor as a view of its storage `base`, bounds checked first: nothing is copied.
+    fn view(&self, base: &Tensor) -> PickleResult<Tensor> {
+        check_view(self.offset, &self.size, &self.stride, self.numel)?;
+        base.f_as_strided(&self.size, &self.stride, Some(self.offset)).map_err(|e| e.to_string())
+    }
+}
+
+/// Checks that a view `(offset, size, stride)` lies inside a storage of `numel` elements, in
+/// checked arithmetic, naming the field that is wrong.
+fn check_view(offset: i64, size: &[i64], stride: &[i64], numel: i64) -> PickleResult<()> {
+    if offset < 0 {
+        return Err(format!("storage offset {offset} is negative"));
+    }
+    for (dim, (&n, &s)) in size.iter().zip(stride).enumerate() {
+        if n < 0 {
+            return Err(format!("size[{dim}] = {n} is negative"));
+        }
+        if s < 0 {
+            return Err(format!("stride[{dim}] = {s} is negative"));
+        }
+    }
+    let elements = size.iter().try_fold(1i64, |acc, &n| acc.checked_mul(n));
+    let elements =
+        elements.ok_or_else(|| format!("the element count of size {size:?} overflows i64"))?;
+    if elements == 0 {
+        if offset > numel {
+            return Err(format!(
+                "storage offset {offset} lies past its storage of {numel} elements"
+            ));
+        }
+        return Ok(());
+    }
+    // The last element the view reaches: offset + sum((size - 1) * stride).
+    let last = size.iter().zip(stride).try_fold(offset, |acc, (&n, &s)| {
+        (n - 1).checked_mul(s).and_then(|step| acc.checked_add(step))
+    });
+    let last = last.ok_or_else(|| {
+        format!("the extent of offset {offset}, size {size:?}, stride {stride:?} overflows i64")
+    })?;
+    if last >= numel {
+        return Err(format!(
+            "view (offset {offset}, size {size:?}, stride {stride:?}) reaches element {last}, past \
+             its storage of {numel} elements"
+        ));
+    }
+    Ok(())
+}
+
+/// A pickle reader for state dicts: it interprets the opcodes that `torch.save` writes for one
+/// and builds [`Value`]s, calling no Python and refusing every other global.
+struct Unpickler<'a> {
+    out: Pickled<'a>,
+    pos: usize,
+    stack: Vec<Value>,
+    /// Stack lengths at each MARK (Python's metastack): items below the last mark are out of
+    /// reach until it is popped.
+    marks: Vec<usize>,
+    memo: HashMap<u32, Value>,
+}
+
 impl<'a> Unpickler<'a> {
     fn new(data: &'a [u8]) -> Self {
-        Self { data, pos: 0, stack: Vec::new(), memo: HashMap::new() }
+        let out = Pickled {
+            data,
+            strs: Vec::new(),
+            longs: Vec::new(),
+            tuples: Vec::new(),
+            tuple_items: Vec::new(),
+            dicts: 0,
+            dict_items: Vec::new(),
+            storages: Vec::new(),
+            tensors: Vec::new(),
+            root: Value::None,
+        };
+        Self { out, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() }
     }
 
     fn take(&mut self, n: usize) -> PickleResult<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&end| end <= self.data.len());
+        let data = self.out.data;
+        let end = self.pos.checked_add(n).filter(|&end| end <= data.len());
         let end = end.ok_or_else(|| "truncated pickle".to_string())?;
-        let bytes = &self.data[self.pos..end];
+        let bytes = &data[self.pos..end];
         self.pos = end;
         Ok(bytes)
     }
@@ -358,116 +877,208 @@ impl<'a> Unpickler<'a> {
         Ok(self.take(n)?.iter().rev().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
     }
 
-    fn line(&mut self) -> PickleResult<String> {
-        let rest = &self.data[self.pos..];
-        let len = rest.iter().position(|&b| b == b'\n').ok_or("truncated pickle")?;
-        let text = String::from_utf8(rest[..len].to_vec()).map_err(|e| e.to_string())?;
-        self.pos += len + 1;
-        Ok(text)
+    fn len(&mut self, n: usize) -> PickleResult<usize> {
+        usize::try_from(self.uint(n)?).map_err(|_| "length out of range".to_string())
     }
 
-    fn string(&mut self, n: usize) -> PickleResult<Value> {
+    fn line(&mut self) -> PickleResult<&'a str> {
+        let rest = &self.out.data[self.pos..];
+        let len = rest.iter().position(|&b| b == b'\n').ok_or("truncated pickle")?;
+        self.pos += len + 1;
+        std::str::from_utf8(&rest[..len]).map_err(|e| e.to_string())
+    }
+
+    fn push(&mut self, value: Value) {
+        self.stack.push(value);
+    }
+
+    fn push_int(&mut self, n: i64) -> PickleResult<()> {
+        let value = match i32::try_from(n) {
+            Ok(n) => Value::Int(n),
+            Err(_) => {
+                let long = Value::Long(index(self.out.longs.len())?);
+                self.out.longs.push(n);
+                long
+            }
+        };
+        self.push(value);
+        Ok(())
+    }
+
+    fn push_str(&mut self, n: usize) -> PickleResult<()> {
+        let start = self.pos;
         let bytes = self.take(n)?;
-        Ok(Value::Str(String::from_utf8(bytes.to_vec()).map_err(|e| e.to_string())?))
+        std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
+        let range = (index(start)?, index(self.pos)?);
+        let value = Value::Str(index(self.out.strs.len())?);
+        self.out.strs.push(range);
+        self.push(value);
+        Ok(())
+    }
+
+    /// The length of the stack above the last mark.
+    fn floor(&self) -> usize {
+        self.marks.last().copied().unwrap_or(0)
     }
 
     fn pop(&mut self) -> PickleResult<Value> {
-        self.stack.pop().ok_or_else(|| "stack underflow".to_string())
+        if self.stack.len() <= self.floor() {
+            return Err("stack underflow".into());
+        }
+        Ok(self.stack.pop().expect("checked above"))
     }
 
-    fn top(&mut self) -> PickleResult<&mut Value> {
-        self.stack.last_mut().ok_or_else(|| "stack underflow".to_string())
+    fn top(&self) -> PickleResult<Value> {
+        if self.stack.len() <= self.floor() {
+            return Err("stack underflow".into());
+        }
+        Ok(*self.stack.last().expect("checked above"))
     }
 
-    fn pop_mark(&mut self) -> PickleResult<Vec<Value>> {
-        let mark =
-            self.stack.iter().rposition(|v| matches!(v, Value::Mark)).ok_or("missing MARK")?;
-        let items = self.stack.split_off(mark + 1);
-        self.stack.pop();
-        Ok(items)
+    /// Pops the last mark; the items above it stay on the stack, from the returned position.
+    fn pop_mark(&mut self) -> PickleResult<usize> {
+        self.marks.pop().ok_or_else(|| "missing MARK".to_string())
     }
 
-    fn memo_get(&self, index: u64) -> PickleResult<Value> {
-        let index = u32::try_from(index).map_err(|_| "memo index out of range")?;
-        self.memo.get(&index).cloned().ok_or_else(|| format!("memo {index} is empty"))
+    fn tuple_from(&mut self, start: usize) -> PickleResult<Value> {
+        let value = Value::Tuple(index(self.out.tuples.len())?);
+        let from = index(self.out.tuple_items.len())?;
+        self.out.tuple_items.extend(self.stack.drain(start..));
+        self.out.tuples.push((from, index(self.out.tuple_items.len())?));
+        Ok(value)
+    }
+
+    /// Sets the `(key, value)` pairs `stack[start..]` on the dict below them.
+    fn set_items(&mut self, start: usize) -> PickleResult<()> {
+        if (self.stack.len() - start) % 2 != 0 {
+            return Err("odd number of items for SETITEMS".into());
+        }
+        let dict = match start.checked_sub(1).filter(|&i| i >= self.floor()) {
+            Some(i) => self.stack[i],
+            None => return Err("stack underflow".into()),
+        };
+        let Value::Dict(dict) = dict else {
+            return Err(format!("SETITEMS on a {}", dict.type_name()));
+        };
+        for pair in self.stack[start..].chunks_exact(2) {
+            if let Value::List | Value::Dict(_) = pair[0] {
+                return Err(format!("unhashable dict key: {}", pair[0].type_name()));
+            }
+            self.out.dict_items.push((dict, pair[0], pair[1]));
+        }
+        self.stack.truncate(start);
+        Ok(())
     }
 
     fn memo_put(&mut self, index: u64) -> PickleResult<()> {
         let index = u32::try_from(index).map_err(|_| "memo index out of range")?;
-        let value = self.stack.last().cloned().ok_or("stack underflow")?;
+        let value = self.top()?;
+        if self.memo.len() >= MAX_MEMO_ENTRIES && !self.memo.contains_key(&index) {
+            return Err(format!(
+                "more than {MAX_MEMO_ENTRIES} memo entries (tch-mix's MAX_MEMO_ENTRIES)"
+            ));
+        }
         self.memo.insert(index, value);
         Ok(())
     }
 
-    fn set_items(&mut self, items: Vec<Value>) -> PickleResult<()> {
-        if items.len() % 2 != 0 {
-            return Err("odd number of items for SETITEMS".into());
-        }
-        let Value::Dict(dict) = self.top()? else {
-            return Err("SETITEMS on a non-dict".into());
-        };
-        let mut items = items.into_iter();
-        while let (Some(key), Some(value)) = (items.next(), items.next()) {
-            match dict
-                .iter_mut()
-                .find(|(k, _)| matches!((k, &key), (Value::Str(a), Value::Str(b)) if a == b))
-            {
-                Some(slot) => slot.1 = value,
-                None => dict.push((key, value)),
-            }
-        }
+    fn memo_get(&mut self, index: u64) -> PickleResult<()> {
+        let value = u32::try_from(index).ok().and_then(|i| self.memo.get(&i).copied());
+        let value = value.ok_or_else(|| format!("memo {index} is empty"))?;
+        self.push(value);
         Ok(())
     }
 
-    fn global(&mut self, name: String) -> PickleResult<Value> {
-        if ALLOWED_GLOBALS.contains(&name.as_str()) || storage_kind(&name).is_some() {
-            Ok(Value::Global(name))
-        } else {
-            Err(format!("refusing global {name:?}: a state dict holds only tensors"))
-        }
+    fn global(&mut self, module: &str, name: &str) -> PickleResult<()> {
+        let global = Global::new(module, name).ok_or_else(|| {
+            format!(
+                "refusing global \"{}.{}\": a state dict holds only tensors",
+                shorten(module),
+                shorten(name)
+            )
+        })?;
+        self.push(Value::Global(global));
+        Ok(())
     }
 
-    fn reduce(callable: Value, args: Value) -> PickleResult<Value> {
-        let (Value::Global(name), Value::Tuple(args)) = (&callable, args) else {
-            return Err(format!("REDUCE of a {} is not allowed", callable.type_name()));
+    fn new_dict(&mut self) -> PickleResult<Value> {
+        let dict = Value::Dict(self.out.dicts);
+        self.out.dicts = self.out.dicts.checked_add(1).ok_or("too many dicts")?;
+        Ok(dict)
+    }
+
+    fn reduce(&mut self, callable: Value, args: Value) -> PickleResult<Value> {
+        let (Value::Global(global), Value::Tuple(args)) = (callable, args) else {
+            return Err(format!(
+                "REDUCE of a {} with a {} is not allowed",
+                callable.type_name(),
+                args.type_name()
+            ));
         };
-        match (name.as_str(), args.as_slice()) {
-            ("collections.OrderedDict", []) => Ok(Value::Dict(Vec::new())),
+        let out = &self.out;
+        let tensor = match (global, out.tuple(args)) {
+            (Global::OrderedDict, []) => return self.new_dict(),
+            (Global::RebuildParameter, &[tensor @ Value::Tensor(_), ..]) => return Ok(tensor),
             (
-                "torch._utils._rebuild_tensor_v2",
-                [Value::Storage(storage), Value::Int(offset), size, stride, ..],
-            ) => Ok(Value::Tensor(TensorSpec {
-                storage: storage.clone(),
-                offset: *offset,
-                size: int_tuple(size)?,
-                stride: int_tuple(stride)?,
-            })),
-            ("torch._utils._rebuild_parameter", [tensor @ Value::Tensor(_), ..]) => {
-                Ok(tensor.clone())
-            }
-            (name, _) => Err(format!("unexpected arguments for {name}")),
-        }
-    }
-
-    fn persistent_load(pid: Value) -> PickleResult<Value> {
-        match pid {
-            Value::Tuple(items) => match items.as_slice() {
-                [Value::Str(tag), Value::Global(kind), Value::Str(key), Value::Str(_), Value::Int(numel)]
-                    if tag == "storage" && *numel >= 0 =>
-                {
-                    let kind =
-                        storage_kind(kind).ok_or_else(|| format!("unknown storage {kind}"))?;
-                    Ok(Value::Storage(StorageRef { kind, key: key.clone(), numel: *numel }))
+                Global::RebuildTensor,
+                &[Value::Storage(storage), offset, Value::Tuple(size), Value::Tuple(stride), ..],
+            ) => {
+                let offset = out.int(offset).ok_or("tensor offset is not an int")?;
+                let dims = out.tuple(size).len();
+                if dims != out.tuple(stride).len() {
+                    return Err(format!(
+                        "tensor size has {dims} dimensions, its stride {}",
+                        out.tuple(stride).len()
+                    ));
                 }
-                _ => Err("persistent id is not a storage reference".into()),
-            },
-            other => Err(format!("persistent id is a {}, not a tuple", other.type_name())),
-        }
+                if dims > MAX_DIMS {
+                    return Err(format!(
+                        "tensor of {dims} dimensions, more than {MAX_DIMS} (tch-mix's MAX_DIMS)"
+                    ));
+                }
+                let all_ints = |t| out.tuple(t).iter().all(|&v| out.int(v).is_some());
+                if !(all_ints(size) && all_ints(stride)) {
+                    return Err("tensor size or stride holds a non-int".into());
+                }
+                TensorRef { storage, offset, size, stride }
+            }
+            (global, _) => return Err(format!("unexpected arguments for {global:?}")),
+        };
+        let value = Value::Tensor(index(self.out.tensors.len())?);
+        self.out.tensors.push(tensor);
+        Ok(value)
     }
 
-    /// Runs the pickle to its STOP and returns the object it built.
-    fn run(mut self) -> PickleResult<Value> {
+    fn persistent_load(&mut self, pid: Value) -> PickleResult<Value> {
+        let Value::Tuple(pid) = pid else {
+            return Err(format!("persistent id is a {}, not a tuple", pid.type_name()));
+        };
+        let out = &self.out;
+        let &[Value::Str(tag), Value::Global(Global::Storage(kind)), Value::Str(key), Value::Str(_), numel] =
+            out.tuple(pid)
+        else {
+            return Err("persistent id is not a storage reference".into());
+        };
+        if out.str(tag) != "storage" {
+            return Err("persistent id is not a storage reference".into());
+        }
+        let numel = out.int(numel).filter(|&n| n >= 0);
+        let numel = numel.ok_or("storage numel is not a non-negative int")?;
+        let value = Value::Storage(index(out.storages.len())?);
+        self.out.storages.push(StorageRef { kind, key, numel });
+        Ok(value)
+    }
+
+    /// Runs the pickle to its STOP and returns what it built.
+    fn run(mut self) -> PickleResult<Pickled<'a>> {
+        let mut opcodes = 0u64;
         loop {
+            opcodes += 1;
+            if opcodes > MAX_PICKLE_OPCODES {
+                return Err(format!(
+                    "more than {MAX_PICKLE_OPCODES} opcodes (tch-mix's MAX_PICKLE_OPCODES)"
+                ));
+            }
             let op = self.take(1)?[0];
             match op {
                 0x80 => {
@@ -476,24 +1087,28 @@ impl<'a> Unpickler<'a> {
                 0x95 => {
                     self.take(8)?; // FRAME
                 }
-                b'.' => return self.pop(),
-                b'(' => self.stack.push(Value::Mark),
-                b'N' => self.stack.push(Value::None),
-                0x88 | 0x89 => self.stack.push(Value::Bool),
+                b'.' => {
+                    self.out.root = self.pop()?;
+                    return Ok(self.out);
+                }
+                b'(' => self.marks.push(self.stack.len()),
+                b'N' => self.push(Value::None),
+                0x88 | 0x89 => self.push(Value::Bool),
                 b'K' => {
-                    let n = self.uint(1)? as i64;
-                    self.stack.push(Value::Int(n));
+                    let n = self.uint(1)?;
+                    self.push_int(n as i64)?;
                 }
                 b'M' => {
-                    let n = self.uint(2)? as i64;
-                    self.stack.push(Value::Int(n));
+                    let n = self.uint(2)?;
+                    self.push_int(n as i64)?;
                 }
                 b'J' => {
                     let n = self.uint(4)? as u32 as i32;
-                    self.stack.push(Value::Int(i64::from(n)));
+                    self.push_int(i64::from(n))?;
                 }
                 0x8a => {
-                    let n = self.uint(1)? as usize;
+                    // LONG1: little-endian two's complement of n bytes.
+                    let n = self.len(1)?;
                     if n > 8 {
                         return Err("integer too large".into());
                     }
@@ -503,64 +1118,66 @@ impl<'a> Unpickler<'a> {
                     if n > 0 && n < 8 && bytes[n - 1] & 0x80 != 0 {
                         value -= 1i64 << (8 * n);
                     }
-                    self.stack.push(Value::Int(value));
+                    self.push_int(value)?;
                 }
                 b'G' => {
                     self.take(8)?;
-                    self.stack.push(Value::Float);
+                    self.push(Value::Float);
                 }
                 b'X' => {
-                    let n = self.uint(4)? as usize;
-                    let s = self.string(n)?;
-                    self.stack.push(s);
+                    let n = self.len(4)?;
+                    self.push_str(n)?;
                 }
                 0x8c => {
-                    let n = self.uint(1)? as usize;
-                    let s = self.string(n)?;
-                    self.stack.push(s);
+                    let n = self.len(1)?;
+                    self.push_str(n)?;
                 }
                 0x8d => {
-                    let n = usize::try_from(self.uint(8)?).map_err(|e| e.to_string())?;
-                    let s = self.string(n)?;
-                    self.stack.push(s);
+                    let n = self.len(8)?;
+                    self.push_str(n)?;
                 }
-                b')' => self.stack.push(Value::Tuple(Vec::new())),
+                b')' => {
+                    let start = self.stack.len();
+                    let tuple = self.tuple_from(start)?;
+                    self.push(tuple);
+                }
                 b't' => {
-                    let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(items));
+                    let start = self.pop_mark()?;
+                    let tuple = self.tuple_from(start)?;
+                    self.push(tuple);
                 }
                 0x85..=0x87 => {
                     let n = usize::from(op - 0x84);
-                    if self.stack.len() < n {
-                        return Err("stack underflow".into());
-                    }
-                    let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Value::Tuple(items));
+                    let start = self.stack.len().checked_sub(n).filter(|&s| s >= self.floor());
+                    let start = start.ok_or("stack underflow")?;
+                    let tuple = self.tuple_from(start)?;
+                    self.push(tuple);
                 }
-                b']' => self.stack.push(Value::List(Vec::new())),
-                b'}' => self.stack.push(Value::Dict(Vec::new())),
+                b']' => self.push(Value::List),
+                b'}' => {
+                    let dict = self.new_dict()?;
+                    self.push(dict);
+                }
                 b'a' => {
-                    let item = self.pop()?;
-                    let Value::List(list) = self.top()? else {
+                    self.pop()?;
+                    if !matches!(self.top()?, Value::List) {
                         return Err("APPEND to a non-list".into());
-                    };
-                    list.push(item);
+                    }
                 }
                 b'e' => {
-                    let items = self.pop_mark()?;
-                    let Value::List(list) = self.top()? else {
+                    let start = self.pop_mark()?;
+                    self.stack.truncate(start);
+                    if !matches!(self.top()?, Value::List) {
                         return Err("APPENDS to a non-list".into());
-                    };
-                    list.extend(items);
+                    }
                 }
                 b's' => {
-                    let value = self.pop()?;
-                    let key = self.pop()?;
-                    self.set_items(vec![key, value])?;
+                    let start = self.stack.len().checked_sub(2).filter(|&s| s >= self.floor());
+                    self.set_items(start.ok_or("stack underflow")?)?;
                 }
                 b'u' => {
-                    let items = self.pop_mark()?;
-                    self.set_items(items)?;
+                    let start = self.pop_mark()?;
+                    self.set_items(start)?;
                 }
                 b'q' => {
                     let index = self.uint(1)?;
@@ -576,39 +1193,38 @@ impl<'a> Unpickler<'a> {
                 }
                 b'h' => {
                     let index = self.uint(1)?;
-                    let value = self.memo_get(index)?;
-                    self.stack.push(value);
+                    self.memo_get(index)?;
                 }
                 b'j' => {
                     let index = self.uint(4)?;
-                    let value = self.memo_get(index)?;
-                    self.stack.push(value);
+                    self.memo_get(index)?;
                 }
                 b'c' => {
                     let module = self.line()?;
                     let name = self.line()?;
-                    let global = self.global(format!("{module}.{name}"))?;
-                    self.stack.push(global);
+                    self.global(module, name)?;
                 }
                 0x93 => {
                     let (Value::Str(name), Value::Str(module)) = (self.pop()?, self.pop()?) else {
                         return Err("STACK_GLOBAL needs two strings".into());
                     };
-                    let global = self.global(format!("{module}.{name}"))?;
-                    self.stack.push(global);
+                    let (module, name) = (self.out.str(module), self.out.str(name));
+                    self.global(module, name)?;
                 }
                 b'R' => {
                     let args = self.pop()?;
                     let callable = self.pop()?;
-                    self.stack.push(Self::reduce(callable, args)?);
+                    let value = self.reduce(callable, args)?;
+                    self.push(value);
                 }
                 b'Q' => {
                     let pid = self.pop()?;
-                    self.stack.push(Self::persistent_load(pid)?);
+                    let value = self.persistent_load(pid)?;
+                    self.push(value);
                 }
                 b'b' => {
                     // BUILD: the state of an OrderedDict is its `_metadata` attribute; dropped.
-                    let _state = self.pop()?;
+                    self.pop()?;
                     if !matches!(self.top()?, Value::Dict(_)) {
                         return Err("BUILD is only allowed on a dict".into());
                     }
@@ -619,15 +1235,16 @@ impl<'a> Unpickler<'a> {
     }
 }
 
-fn int_tuple(value: &Value) -> PickleResult<Vec<i64>> {
-    let Value::Tuple(items) = value else {
-        return Err(format!("expected a tuple, got a {}", value.type_name()));
-    };
-    items
-        .iter()
-        .map(|item| match item {
-            Value::Int(n) => Ok(*n),
-            other => Err(format!("expected an int, got a {}", other.type_name())),
-        })
-        .collect()
+/// A table index as `u32`: no table can outgrow it within [`MAX_PICKLE_OPCODES`] and
+/// [`MAX_PICKLE_BYTES`], but the conversion is checked all the same.
+fn index(n: usize) -> PickleResult<u32> {
+    u32::try_from(n).map_err(|_| "pickle too large".to_string())
+}
+
+/// At most 100 characters of a name from the file, for an error message.
+fn shorten(text: &str) -> String {
+    match text.char_indices().nth(100) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.to_string(),
+    }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::checkpoint::{self, StateDict};
+use crate::checkpoint::{self, Sniffed, StateDict};
 use crate::error::{MixError, Result};
 use crate::{
     AttentionConfig, CrossAttentionMixer, GlobalWeightsConfig, GlobalWeightsMixer,
@@ -120,6 +120,18 @@ impl Fixture {
         let path = path.as_ref();
         let bytes = std::fs::read(path)
             .map_err(|source| MixError::Io { path: path.display().to_string(), source })?;
+        let not_a_fixture = |what: &str| MixError::Format {
+            path: path.display().to_string(),
+            reason: format!(
+                "{what}, not a {FORMAT} fixture (a safetensors file written by \
+                 scripts/export_fixture.py; `--weights` there takes a torch.save file)"
+            ),
+        };
+        match checkpoint::sniff(bytes.get(..4).unwrap_or(&bytes)) {
+            Sniffed::TorchZip => return Err(not_a_fixture("a torch.save zip archive (weights)")),
+            Sniffed::TorchLegacy => return Err(not_a_fixture("a legacy torch.save file")),
+            Sniffed::Other => {}
+        }
         let (tensors, metadata) = checkpoint::read_safetensors(&bytes, path)?;
         let fixture =
             Self { path: path.to_path_buf(), metadata, tensors: tensors.into_iter().collect() };
@@ -172,8 +184,88 @@ impl Fixture {
         kind_from_name(name).ok_or_else(|| self.error(format!("unknown dtype {name:?}")))
     }
 
-    /// Builds the described mixer on `path` (whose VarStore sets device and dtype), not yet loaded.
+    /// The `state_dict` keys and shapes of the mixer the metadata describes, computed from the
+    /// metadata alone (checked arithmetic), without building it.
+    pub fn expected_state(&self) -> Result<Vec<(String, Vec<i64>)>> {
+        let mixer = self.meta("mixer")?;
+        let size = |key: &str| -> Result<i64> {
+            let n: i64 = self.parse(key)?;
+            if n < 0 {
+                return Err(self.error(format!("metadata {key:?} = {n} is negative")));
+            }
+            Ok(n)
+        };
+        let product = |what: &str, a: i64, b: i64| {
+            a.checked_mul(b)
+                .ok_or_else(|| self.error(format!("metadata: {what} = {a} x {b} overflows i64")))
+        };
+        let mod_dim = size("mod_dim")?;
+        let state = match mixer {
+            "global" => vec![("coeffs", vec![size("n_features")?])],
+            "instance" => {
+                let n_features = size("n_features")?;
+                let inputs = product("n_features x mod_dim", n_features, mod_dim)?;
+                let mut state = vec![("project.weight", vec![n_features, inputs])];
+                if self.parse("bias")? {
+                    state.push(("project.bias", vec![n_features]));
+                }
+                state
+            }
+            "cross" | "self" => {
+                let three = product("3 x mod_dim", 3, mod_dim)?;
+                let mut state = vec![
+                    ("attention.in_proj_weight", vec![three, mod_dim]),
+                    ("attention.out_proj.weight", vec![mod_dim, mod_dim]),
+                ];
+                if self.parse("bias")? {
+                    state.push(("attention.in_proj_bias", vec![three]));
+                    state.push(("attention.out_proj.bias", vec![mod_dim]));
+                }
+                state
+            }
+            other => return Err(self.error(format!("unknown mixer {other:?}"))),
+        };
+        Ok(state.into_iter().map(|(key, shape)| (key.to_string(), shape)).collect())
+    }
+
+    /// Checks the fixture's `state.*` tensors against [`Fixture::expected_state`]: the same keys,
+    /// the same shapes. After this, building the mixer allocates no more than the fixture's own
+    /// weights, whatever its metadata says.
+    fn check_state(&self) -> Result<()> {
+        let expected = self.expected_state()?;
+        let state = self.state();
+        let mut problems = Vec::new();
+        for (key, shape) in &expected {
+            match state.get(key) {
+                None => problems.push(format!("state.{key} is missing")),
+                Some(tensor) if tensor.size() != *shape => problems.push(format!(
+                    "state.{key} has shape {:?}, the metadata says {shape:?}",
+                    tensor.size()
+                )),
+                Some(_) => {}
+            }
+        }
+        for key in state.keys().filter(|key| !expected.iter().any(|(k, _)| k == key)) {
+            problems.push(format!("state.{key} is not a weight of that mixer"));
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(self.error(format!(
+            "the weights do not fit the mixer its metadata describes ({}, mod_dim {}, \
+             n_features {}): {}",
+            self.meta("mixer")?,
+            self.meta("mod_dim")?,
+            self.metadata.get("n_features").map_or("-", String::as_str),
+            problems.join("; ")
+        )))
+    }
+
+    /// Builds the described mixer on `path` (whose VarStore sets device and dtype), not yet
+    /// loaded. The fixture's weights are checked against the metadata first, so a fixture cannot
+    /// make this allocate more than its own weights.
     pub fn build(&self, path: &nn::Path) -> Result<Box<dyn Mixer>> {
+        self.check_state()?;
         let mixer = self.meta("mixer")?;
         let mod_dim = self.parse("mod_dim")?;
         let (dropout, skip, keep_dim) =

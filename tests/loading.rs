@@ -176,3 +176,32 @@ fn duplicate_variable_names_are_refused_not_renamed() {
         "{second:?}"
     );
 }
+
+#[test]
+fn storages_larger_than_the_read_window_and_views_across_it_are_read_whole() {
+    use common::craft::{f32_bytes, state_dict_pickle, torch_zip, TensorDef};
+    // 300,000 floats (1.2 MB, several 64 KiB windows of the reader), and a view starting in the
+    // middle of the storage.
+    let values: Vec<f32> = (0..300_000).map(|i| i as f32).collect();
+    let whole = TensorDef::float("whole", "0", &[300, 1000]);
+    let tail = TensorDef {
+        key: "tail".into(),
+        numel: 300_000,
+        offset: 123_457,
+        size: vec![1000],
+        stride: vec![7],
+        ..TensorDef::float("tail", "0", &[1])
+    };
+    let bytes = torch_zip(&state_dict_pickle(&[whole, tail]), &[("0", f32_bytes(&values))]);
+    let dir = std::env::temp_dir().join(format!("tch-mix-window-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("large.pt");
+    std::fs::write(&path, bytes).unwrap();
+    let state = StateDict::from_file(&path).unwrap();
+    let whole = state.get("whole").unwrap();
+    assert_eq!(whole.size(), [300, 1000]);
+    assert_eq!(Vec::<f32>::try_from(whole.flatten(0, -1)).unwrap(), values);
+    let tail: Vec<f32> = Vec::try_from(state.get("tail").unwrap()).unwrap();
+    assert_eq!(tail, (0..1000).map(|i| (123_457 + 7 * i) as f32).collect::<Vec<_>>());
+    std::fs::remove_dir_all(dir).unwrap();
+}

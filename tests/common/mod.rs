@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod craft;
+
 use tch::{Device, Kind, Tensor};
 
 /// A file under `tests/data`.
