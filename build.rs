@@ -4,8 +4,10 @@
 //! We give our own link targets an rpath to it, and link `libtorch` with `--no-as-needed`: a Rust
 //! binary references no CUDA symbol directly, so without it the linker drops `libtorch_cuda` and
 //! `Cuda::is_available()` is false at run time even on a GPU machine.
-//! `cargo:rustc-link-arg` does not reach crates that depend on tch-mix: see the README for what a
-//! service's own `build.rs` needs.
+//! `cargo:rustc-link-arg` does not reach crates that depend on tch-mix. What they need instead:
+//! the `cuda` feature keeps libtorch_cuda linked (src/cuda.rs), and the folder is passed on as
+//! `DEP_TCH_MIX_LIBTORCH_LIB` (our `links = "tch_mix"`) for a service's one-line build script to
+//! give its binary the rpath (see the README's "Using tch-mix in your own service").
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -16,6 +18,7 @@ fn main() {
         );
         return;
     };
+    println!("cargo:libtorch_lib={lib_dir}");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
     println!("cargo:rustc-link-arg=-L{lib_dir}");
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");

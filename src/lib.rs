@@ -32,6 +32,7 @@
 mod attention;
 pub mod checkpoint;
 mod cross;
+mod cuda;
 mod error;
 pub mod fixture;
 mod global;

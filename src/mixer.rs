@@ -193,6 +193,7 @@ fn check_mask(mask: Option<&Tensor>, inp: &Tensor) -> Result<()> {
 /// Adds `tensor` as a trainable variable `name` under `path`, refusing a name that is taken
 /// (tch would silently rename the new one to `name__N`).
 pub(crate) fn add_variable(path: &nn::Path, name: &str, tensor: Tensor) -> Result<Tensor> {
+    crate::cuda::keep_linked();
     if path.get(name).is_some() {
         return Err(MixError::DuplicateVariable(path.path(name)));
     }
