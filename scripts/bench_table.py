@@ -87,6 +87,12 @@ def floor_ms(mixer, batch, run, machine):
     return max(memory, compute), "memory" if memory >= compute else "compute"
 
 
+def load_range(run, rows, end):
+    loads = [number(v) for v in [run.get("load_start"), end.get("load_end")] + [r.get("load") for r in rows.values()]]
+    loads = [x for x in loads if x is not None]
+    return f"{min(loads):.2f} to {max(loads):.2f}" if loads else "?"
+
+
 def ms(value):
     if value is None:
         return "-"
@@ -109,8 +115,8 @@ def main():
     print(f"tch-mix {run.get('commit', '?')} against swak {run.get('swak', '?')} on torch {run.get('torch', '?')}"
           + (f", TorchScript (tch::CModule) and ONNX Runtime {run.get('onnxruntime')} (ort crate)" if peers != ["swak"] else "")
           + f"; {run.get('device', '?')}, {run.get('dtype', '?')}, {run.get('threads', '?')} threads, "
-          f"{run.get('cores', '?')} cores, load average {run.get('load_start', '?')} at the start and "
-          f"{end.get('load_end', '?')} at the end; medians in ms, forward / importance / both")
+          f"{run.get('cores', '?')} cores, 1-minute load average {load_range(run, rows, end)} during the run; "
+          "medians in ms, forward / importance / both")
     if "copy_gbs" in machine:
         sizes = ", ".join(f"{gbs:.0f} GB/s at {n * 4 / 2**20:g} MiB" for n, gbs in sorted(machine["copies"].items()))
         print(f"Machine ({machine.get('threads', '?')} threads): sgemm peak {machine['sgemm_gflops']} GFLOP/s; "
