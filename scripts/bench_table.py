@@ -58,6 +58,8 @@ def read(path):
             copies[int(f["elements"])] = float(f["gbs"])
         elif line.startswith("end "):
             end = f
+        elif line.startswith("row "):  # what the rest of the machine used while the row ran
+            rows[("row", f["mixer"], int(f["batch"]))] = f
         elif "impl" in f and "variant" in f:
             variants.append(f)
         elif "impl" in f:
@@ -128,6 +130,7 @@ def main():
     if "copy_gbs" in machine:
         head += ["floor (bound)", "tch-mix fwd / floor"]
     head.append("tch-mix peak extra MiB (input MiB)")
+    head.append("others' CPU (cores)")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for mixer in mixers:
@@ -156,11 +159,13 @@ def main():
                 cells.append(f"{ms(floor)} ({bound})" if floor else "-")
                 cells.append(f"{mine / floor:.1f}x" if floor and mine else "-")
             cells.append(f"{ours.get('forward_peak_extra_mib', '-')} ({ours.get('input_mib', '-')})")
+            cells.append(rows.get(("row", mixer, batch), {}).get("others_cores", "-"))
             print("| " + " | ".join(cells) + " |")
 
     print()
     print("Both: tch-mix's forward_and_importance in one call; swak and the peers call forward, then importance.")
-    failed = [r["line"] for r in rows.values() if number(r.get("forward_ms")) is None]
+    print("Others' CPU: the busy CPU time of the whole VM (steal included) less the bench's own, per second of the row.")
+    failed = [r["line"] for (k, _, _), r in rows.items() if k != "row" and number(r.get("forward_ms")) is None]
     for line in failed:
         print(f"FAILED: {line}")
     for key in ("tch-mix", "torchscript", "onnxruntime"):
