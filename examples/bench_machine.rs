@@ -1,47 +1,39 @@
-//! What this machine allows, for the floors of `scripts/bench`: the copy bandwidth of a large
-//! `Tensor::copy_` and the peak GFLOP/s of libtorch's sgemm (MKL on pip's torch) on the shapes the
-//! mixers multiply, both with the bench's thread count.
+//! What this machine allows, for the floors of `scripts/bench`: memory bandwidth, and the peak
+//! GFLOP/s of libtorch's sgemm (MKL on pip's torch) on the shapes the mixers multiply, with the
+//! bench's thread count.
 //!
 //! ```text
-//! cargo run --release --example bench_machine -- [--threads N] [--reps R] [--copy-elements N,N,...]
+//! cargo run --release --example bench_machine -- [--threads N] [--reps R] [--elements N,N,...]
 //! ```
 //!
-//! Copy bandwidth counts the bytes read and the bytes written (a copy of 256 MiB moves 512 MiB),
-//! as memory traffic is counted in the floors. Beside memory's (a 256 MiB copy), it is measured
-//! for a copy of each `--copy-elements` float32 values, repeated on the same buffers as the bench
-//! repeats its input, so that an input that stays in the caches is held to the caches' bandwidth
-//! (and to what one libtorch copy of it costs), not memory's. One `copy elements=N gbs=X` line per
-//! size; the last line is machine-readable: `machine threads=N copy_gbs=... sgemm_gflops=...`
-//! (memory's bandwidth, the best of the sgemm shapes).
+//! - copy: `dst.copy_(src)` on 256 MiB, far beyond the caches; its bandwidth counts the bytes read
+//!   and the bytes written (a copy of 256 MiB moves 512 MiB).
+//! - read: `Tensor::sum` over each `--elements` float32 values (the bench passes its inputs'
+//!   sizes), repeated on the same tensor as the bench repeats its input, so that an input that
+//!   stays in the caches is held to the caches' bandwidth (and to what one libtorch reduction over
+//!   it costs), not memory's. A copy is no measure there: its destination doubles the working set.
+//! - sgemm: `Tensor::linear` on the mixers' projection shapes; the peak is the best of them.
+//!
+//! Each figure is the best of R calls after warm-up, not their median: a floor takes what the
+//! machine can do, and the other VMs on the host only ever slow it. Lines `read elements=N gbs=X`,
+//! then the machine-readable last line `machine threads=N copy_gbs=... sgemm_gflops=...`.
 
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-/// The bandwidth of `dst.copy_(src)` on `elements` float32 values, in GB/s read + written.
-fn copy_gbs(elements: i64, reps: usize) -> Result<f64> {
-    let src = Tensor::f_randn([elements], (Kind::Float, Device::Cpu))?;
-    let mut dst = Tensor::f_zeros([elements], (Kind::Float, Device::Cpu))?;
-    let seconds = median_s(reps, || {
-        dst.copy_(&src);
-    });
-    Ok(2.0 * elements as f64 * 4.0 / seconds / 1e9)
-}
-
-/// The median wall time of `reps` calls in seconds, after two warm-up calls.
-fn median_s(reps: usize, mut call: impl FnMut()) -> f64 {
+/// The shortest wall time of `reps` calls in seconds, after two warm-up calls.
+fn best_s(reps: usize, mut call: impl FnMut()) -> f64 {
     call();
     call();
-    let mut times: Vec<f64> = (0..reps)
+    (0..reps)
         .map(|_| {
             let start = Instant::now();
             call();
             start.elapsed().as_secs_f64()
         })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+        .fold(f64::INFINITY, f64::min)
 }
 
 fn main() -> Result<()> {
@@ -53,7 +45,7 @@ fn main() -> Result<()> {
         match flag.as_str() {
             "--threads" => threads = Some(number()? as i32),
             "--reps" => reps = number()?.max(1) as usize,
-            "--copy-elements" => {
+            "--elements" => {
                 for size in value.split(',') {
                     sizes.push(size.parse::<i64>().with_context(|| format!("{flag}: {size}"))?);
                 }
@@ -68,15 +60,23 @@ fn main() -> Result<()> {
     let _guard = tch::no_grad_guard();
     let options = (Kind::Float, Device::Cpu);
 
+    let elements = 64 << 20;
+    let src = Tensor::f_randn([elements], options)?;
+    let mut dst = Tensor::f_zeros([elements], options)?;
+    let seconds = best_s(reps, || {
+        dst.copy_(&src);
+    });
+    let copy_gbs = 2.0 * elements as f64 * 4.0 / seconds / 1e9;
+    println!("copy 256 MiB: {:.2} ms, {copy_gbs:.1} GB/s (read + write)", seconds * 1e3);
+    drop((src, dst));
+
     for &elements in &sizes {
-        // Enough calls for a stable median of small copies: some 0.1 s of copying each.
+        let tensor = Tensor::f_randn([elements], options)?;
+        // Enough calls for small sizes: some 0.1 s of reading each.
         let calls = (25_000_000 / elements.max(1)).clamp(reps as i64, 2000) as usize;
-        let gbs = copy_gbs(elements, calls)?;
-        println!("copy elements={elements} gbs={gbs:.2}");
+        let seconds = best_s(calls, || drop(tensor.sum(Kind::Float)));
+        println!("read elements={elements} gbs={:.2}", elements as f64 * 4.0 / seconds / 1e9);
     }
-    // 256 MiB each way: far beyond the caches, so this is memory, not L3.
-    let copy_gbs = copy_gbs(64 << 20, reps)?;
-    println!("copy 256 MiB: {copy_gbs:.1} GB/s (read + write)");
 
     // (rows, in, out) of `Tensor::linear`, as the mixers' projections call it: self-attention's
     // query/key projection at batch 8192 (16 features), the attention mixers' (D, D)
@@ -87,9 +87,7 @@ fn main() -> Result<()> {
         let a = Tensor::f_randn([m, k], options)?;
         let w = Tensor::f_randn([n, k], options)?;
         let b = Tensor::f_randn([n], options)?;
-        let seconds = median_s(reps, || {
-            drop(a.linear(&w, Some(&b)));
-        });
+        let seconds = best_s(reps, || drop(a.linear(&w, Some(&b))));
         let gflops = 2.0 * (m * k * n) as f64 / seconds / 1e9;
         println!("sgemm ({m}, {k}) x ({k}, {n}): {:.3} ms, {gflops:.1} GFLOP/s", seconds * 1e3);
         peak = peak.max(gflops);

@@ -9,9 +9,10 @@ floor of tch-mix's forward on this machine and tch-mix's distance to it. Standar
 
 The floor of a forward call is the larger of two lower bounds:
   memory   the input read once and the output written once, (B F D + B D) float32 values, at the
-           copy bandwidth (bytes read + bytes written per second) measured on a copy of the input's
-           size (so an input that stays in the caches, as the bench's does, is held to the caches'
-           bandwidth; a 256 MiB copy gives memory's where no size was measured)
+           faster of two measured bandwidths: a 256 MiB copy's (bytes read + bytes written per
+           second: memory's), and a Tensor::sum's over a tensor of the input's size repeated as the
+           bench repeats its input (so an input that stays in the caches is held to the caches'
+           bandwidth, and a tiny one to what one libtorch reduction over it costs)
   compute  the multiply-adds of the cheapest exact formulation known (the one tch-mix uses), all
            counted at the measured sgemm peak, though only the projections are GEMMs:
              global    2 B F D                                  (weighted sum)
@@ -54,7 +55,7 @@ def read(path):
             run = f
         elif line.startswith("machine "):
             machine = f
-        elif line.startswith("copy "):
+        elif line.startswith("read "):
             copies[int(f["elements"])] = float(f["gbs"])
         elif line.startswith("end "):
             end = f
@@ -80,9 +81,9 @@ def flops(mixer, b, f, d, h):
 
 def floor_ms(mixer, batch, run, machine):
     f, d, h = int(run["n_features"]), int(run["mod_dim"]), int(run["n_heads"])
-    bandwidth = machine["copies"].get(batch * f * d, number(machine.get("copy_gbs")))
+    bandwidth = max(machine["copies"].get(batch * f * d, 0), number(machine.get("copy_gbs")) or 0)
     peak = number(machine.get("sgemm_gflops"))
-    if not bandwidth or not peak:
+    if not bandwidth or not peak:  # no machine line: not measured (no peers, or not the CPU)
         return None, None
     memory = 4 * (batch * f * d + batch * d) / (bandwidth * 1e9) * 1e3
     compute = flops(mixer, batch, f, d, h) / (peak * 1e9) * 1e3
@@ -121,8 +122,9 @@ def main():
           "medians in ms, forward / importance / both")
     if "copy_gbs" in machine:
         sizes = ", ".join(f"{gbs:.0f} GB/s at {n * 4 / 2**20:g} MiB" for n, gbs in sorted(machine["copies"].items()))
-        print(f"Machine ({machine.get('threads', '?')} threads): sgemm peak {machine['sgemm_gflops']} GFLOP/s; "
-              f"copy bandwidth (read + write) {machine['copy_gbs']} GB/s at 256 MiB" + (f", {sizes}" if sizes else ""))
+        print(f"Machine ({machine.get('threads', '?')} threads, best of repeated calls): sgemm peak "
+              f"{machine['sgemm_gflops']} GFLOP/s; copy of 256 MiB {machine['copy_gbs']} GB/s (read + write)"
+              + (f"; Tensor::sum read {sizes}" if sizes else ""))
     print()
     head = ["mixer", "batch"] + [f"{name}" for _, name in impls]
     if peers:

@@ -5,10 +5,14 @@
 //!
 //! ```text
 //! tch-mix-bench-ort --lib LIBONNXRUNTIME --dir DIR --mixer M --batch B [--reps R] [--threads N]
+//!                   [--session-pools]
 //! ```
 //!
-//! Sessions: all graph optimisations, N intra-op threads (default 2), one inter-op thread,
-//! sequential execution; the input tensor is created once. Every graph in DIR
+//! Sessions: all graph optimisations, sequential execution, on one global thread pool of N intra-op
+//! threads (default 2) and one inter-op thread that the forward and importance sessions share, as
+//! a service running both would set it up (a pool per session would leave twice N threads
+//! spinning on N cores when the two run back to back; `--session-pools` sets that up instead, to
+//! compare); the input tensor is created once. Every graph in DIR
 //! (`{mixer}.{forward,importance}.onnx-*.onnx`, one per exporter) is first run on
 //! `input-{B}.safetensors` and checked against swak's outputs in `{mixer}.ref-{B}.safetensors`; a
 //! graph that fails the check is reported and not timed. Of those that pass, the fastest forward
@@ -19,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use ort::environment::{Environment, GlobalThreadPoolOptions};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::Tensor;
@@ -34,6 +39,7 @@ struct Options {
     batch: i64,
     reps: usize,
     threads: usize,
+    session_pools: bool,
 }
 
 fn parse() -> Result<Options> {
@@ -44,9 +50,14 @@ fn parse() -> Result<Options> {
         batch: 0,
         reps: 20,
         threads: 2,
+        session_pools: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--session-pools" {
+            options.session_pools = true;
+            continue;
+        }
         let value = args.next().with_context(|| format!("{flag} needs a value"))?;
         let number =
             || value.parse::<i64>().with_context(|| format!("{flag}: not a number: {value}"));
@@ -109,17 +120,16 @@ fn median_ms(reps: usize, mut call: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(times[times.len() / 2])
 }
 
-fn session(
-    environment: &ort::environment::Environment,
-    file: &Path,
-    threads: usize,
-) -> ort::Result<Session> {
-    Session::builder(environment)?
+/// A session on the environment's global thread pool, or with a pool of its own.
+fn session(environment: &Environment, file: &Path, options: &Options) -> ort::Result<Session> {
+    let builder = Session::builder(environment)?
         .with_optimization_level(GraphOptimizationLevel::All)?
-        .with_intra_threads(threads)?
-        .with_inter_threads(1)?
-        .with_parallel_execution(false)?
-        .commit_from_file(file)
+        .with_parallel_execution(false)?;
+    let mut builder = match options.session_pools {
+        true => builder.with_intra_threads(options.threads)?.with_inter_threads(1)?,
+        false => builder,
+    };
+    builder.commit_from_file(file)
 }
 
 /// Runs `session` on `inp` and checks its one output against `expected`.
@@ -142,7 +152,7 @@ struct Timed {
 
 /// Loads, checks and times every graph of one function; returns the fastest that passed.
 fn fastest(
-    environment: &ort::environment::Environment,
+    environment: &Environment,
     options: &Options,
     function: &str,
     inp: &Tensor<f32>,
@@ -162,7 +172,7 @@ fn fastest(
     for file in files {
         let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let variant = name[prefix.len()..name.len() - ".onnx".len()].to_string();
-        let mut session = session(environment, &file, options.threads)
+        let mut session = session(environment, &file, options)
             .with_context(|| format!("loading {}", file.display()))?;
         let err = match check(&mut session, inp, expected) {
             Ok(err) if err <= TOLERANCE => err,
@@ -189,10 +199,17 @@ fn fastest(
 
 fn main() -> Result<()> {
     let options = parse()?;
-    let environment = ort::init_from(&options.lib)
-        .with_context(|| format!("loading {}", options.lib.display()))?
-        .with_name("tch-mix-bench")
-        .build()?;
+    // init_from loads the library; the thread pool's options are made by it.
+    let builder = ort::init_from(&options.lib)
+        .with_context(|| format!("loading {}", options.lib.display()))?;
+    let threads = GlobalThreadPoolOptions::default()
+        .with_intra_threads(options.threads)?
+        .with_inter_threads(1)?;
+    let builder = builder.with_name("tch-mix-bench");
+    let environment = match options.session_pools {
+        true => builder.build()?,
+        false => builder.with_global_thread_pool(threads).build()?,
+    };
     let (shape, values) =
         read_tensor(&options.dir.join(format!("input-{}.safetensors", options.batch)), "input")?;
     let inp = Tensor::from_array((shape.clone(), values))?;
@@ -213,9 +230,10 @@ fn main() -> Result<()> {
         Ok(())
     })?;
     println!(
-        "onnxruntime {} input {shape:?} float32, {} intra-op threads, median of {}, {}",
+        "onnxruntime {} input {shape:?} float32, {} intra-op threads ({}), median of {}, {}",
         options.mixer,
         options.threads,
+        if options.session_pools { "a pool per session" } else { "one global pool" },
         options.reps,
         options.lib.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
     );
