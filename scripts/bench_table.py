@@ -101,6 +101,10 @@ def load_range(run, rows, end):
     return f"{min(loads):.2f} to {max(loads):.2f}" if loads else "?"
 
 
+def size(nbytes):
+    return f"{nbytes / 2**20:g} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:g} KiB"
+
+
 def ms(value):
     if value is None:
         return "-"
@@ -126,7 +130,7 @@ def main():
           f"{run.get('cores', '?')} cores, 1-minute load average {load_range(run, rows, end)} during the run; "
           "medians in ms, forward / importance / both")
     if "copy_gbs" in machine:
-        sizes = ", ".join(f"{gbs:.0f} GB/s at {n * 4 / 2**20:g} MiB" for n, gbs in sorted(machine["copies"].items()))
+        sizes = ", ".join(f"{gbs:.0f} GB/s at {size(n * 4)}" for n, gbs in sorted(machine["copies"].items()))
         print(f"Machine ({machine.get('threads', '?')} threads, best of repeated calls): sgemm peak "
               f"{machine['sgemm_gflops']} GFLOP/s; copy of 256 MiB {machine['copy_gbs']} GB/s (read + write)"
               + (f"; Tensor::sum read {sizes}" if sizes else ""))
