@@ -123,6 +123,7 @@ def main():
     batches = sorted({b for (_, _, b) in rows})
     impls = [(key, name) for key, name in IMPLS if any(k == key for (k, _, _) in rows)]
     peers = [key for key in PEERS if any(k == key for (k, _, _) in rows)]
+    targets = set(peers) - {"swak"}  # issue 12's targets are against TorchScript and ONNX Runtime
 
     print(f"tch-mix {run.get('commit', '?')} against swak {run.get('swak', '?')} on torch {run.get('torch', '?')}"
           + (f", TorchScript (tch::CModule) and ONNX Runtime {run.get('onnxruntime')} (ort crate)" if peers != ["swak"] else "")
@@ -138,7 +139,8 @@ def main():
     head = ["mixer", "batch"] + [f"{name}" for _, name in impls]
     if peers:
         head.append("fastest peer / tch-mix (fwd · imp · both)")
-        head.append("speed-up still needed for the targets (fwd · both)")
+        if targets:
+            head.append("speed-up still needed for the targets (fwd · both)")
     if "copy_gbs" in machine:
         head += ["floor (bound)", "tch-mix fwd / floor"]
     head.append("tch-mix peak extra MiB (input MiB)")
@@ -166,7 +168,7 @@ def main():
                         ratios.append("-")
                 cells.append(" · ".join(ratios))
                 needed = []
-                for what, target in TARGETS.items():
+                for what, target in TARGETS.items() if targets else ():
                     if mixer == "self" and what == "forward":
                         target = SELF_FORWARD_TARGET
                     mine = number(ours.get(f"{what}_ms"))
@@ -177,7 +179,8 @@ def main():
                         needed.append("met" if need <= 1 else f"{need:.2f}x")
                     else:
                         needed.append("-")
-                cells.append(" · ".join(needed))
+                if targets:
+                    cells.append(" · ".join(needed))
             if "copy_gbs" in machine:
                 floor, bound = floor_ms(mixer, batch, run, machine)
                 mine = number(ours.get("forward_ms"))
