@@ -1,4 +1,5 @@
-//! The `tch-mix` command line: `check` exit codes, error rows and `--out`; `bench`'s last line.
+//! The `tch-mix` command line: `check` exit codes, error rows and `--out`; `bench`'s last line and
+//! its check of given weights and input against expected outputs.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -83,4 +84,39 @@ fn bench_ends_with_a_machine_readable_line() {
         "4",
     ]);
     assert_eq!(code, 2, "{stderr}");
+}
+
+#[test]
+fn bench_checks_given_weights_and_input_before_timing() {
+    // A GlobalWeightsMixer's forward by hand: softmax(coeffs)-weighted features plus their mean.
+    let dir = scratch("expect");
+    let coeffs = tch::Tensor::from_slice(&[0.5f32, -1.0, 2.0]);
+    let input = tch::Tensor::randn([4, 3, 8], (tch::Kind::Float, tch::Device::Cpu));
+    let weights = coeffs.softmax(-1, tch::Kind::Float);
+    let forward = (&input * weights.view([1, 3, 1])).sum_dim_intlist(1, false, tch::Kind::Float)
+        + input.mean_dim(1, false, tch::Kind::Float);
+    let importance = weights.unsqueeze(0).expand([4, 3], false).contiguous();
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    tch::Tensor::write_safetensors(&[("coeffs", &coeffs)], path("w.safetensors")).unwrap();
+    tch::Tensor::write_safetensors(&[("input", &input)], path("in.safetensors")).unwrap();
+    let expect = [("forward", &forward), ("importance", &importance)];
+    tch::Tensor::write_safetensors(&expect, path("right.safetensors")).unwrap();
+    let off = &forward + 1e-2;
+    let expect = [("forward", &off), ("importance", &importance)];
+    tch::Tensor::write_safetensors(&expect, path("wrong.safetensors")).unwrap();
+
+    let bench = |expect: &str| {
+        let args = ["bench", "--mixer", "global", "--mod-dim", "8", "--n-features", "3"];
+        let (w, i, e) = (path("w.safetensors"), path("in.safetensors"), path(expect));
+        let files = ["--weights", &w, "--input", &i, "--expect", &e];
+        tch_mix(&[&args[..], &["--batch", "4", "--reps", "2"], &files].concat())
+    };
+    let (code, stdout, stderr) = bench("right.safetensors");
+    assert_eq!(code, 0, "{stderr}");
+    let last = stdout.lines().last().unwrap();
+    assert!(last.contains(" forward_err=") && last.contains(" importance_err="), "{last}");
+    let (code, _, stderr) = bench("wrong.safetensors");
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("from swak's (tolerance 1e-4)"), "{stderr}");
+    std::fs::remove_dir_all(dir).unwrap();
 }
