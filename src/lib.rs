@@ -40,12 +40,13 @@ mod kernels;
 mod mixer;
 #[allow(unsafe_code)] // reading libtorch's grad mode
 mod mode;
+mod save;
 mod self_attention;
 mod shared;
 mod spec;
 
 pub use attention::{AttentionConfig, MultiheadAttention};
-pub use checkpoint::{load_var_store, StateDict};
+pub use checkpoint::{load_var_store, StateDict, METADATA_ENTRY, METADATA_PREFIX};
 pub use cross::CrossAttentionMixer;
 pub use error::{MixError, Result, ShapeMismatch};
 pub use global::{GlobalWeightsConfig, GlobalWeightsMixer};

@@ -174,6 +174,28 @@ fn many_setitems_keys_are_linear() {
 }
 
 #[test]
+fn a_key_missing_from_a_million_entries_is_told_in_a_few_words() {
+    let mut p = many_keys(1_000_000, b"N");
+    let path = write("keys", "keys-lookup.pt", &torch_zip(&p.stop(), &[]));
+    let start = std::time::Instant::now();
+    let message = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || StateDict::from_file_key(path, "absent.deeper"))
+        .unwrap()
+        .join()
+        .expect("the load panicked or overflowed its stack")
+        .unwrap_err()
+        .to_string();
+    assert!(start.elapsed().as_secs() < 5, "{:?}", start.elapsed());
+    assert_contains(
+        &message,
+        "no entry \"absent\" in the pickled object (its entries: \"k0\": None",
+    );
+    assert_contains(&message, "\"k19\": None, ...)");
+    assert!(message.len() < 1000, "{} bytes", message.len());
+}
+
+#[test]
 fn stride_zero_views_stay_views() {
     // One stored float viewed as 4 tensors of 2^28 elements (4 GiB if made contiguous).
     let huge = |key: &str| TensorDef {
