@@ -348,9 +348,7 @@ fn read_file(path: &Path, key: Option<&str>) -> Result<StateDict> {
         Sniffed::TorchZip => read_torch_zip(file, path, key),
         Sniffed::TorchLegacy => Err(format_error(path, LEGACY)),
         Sniffed::Other => {
-            let mut bytes = head;
-            file.read_to_end(&mut bytes).map_err(io_error)?;
-            let (entries, metadata) = read_safetensors(&bytes, path)?;
+            let (entries, metadata) = read_safetensors_file(file, path)?;
             if let Some(key) = key {
                 return Err(format_error(
                     path,
@@ -404,27 +402,93 @@ pub(crate) type SafetensorsContent = (Vec<(String, Tensor)>, HashMap<String, Str
 
 /// Reads every tensor (sorted by name) and the `__metadata__` of a safetensors buffer.
 pub(crate) fn read_safetensors(bytes: &[u8], path: &Path) -> Result<SafetensorsContent> {
+    let index = index_safetensors(bytes, path)?;
+    let mut entries = Vec::with_capacity(index.tensors.len());
+    for (name, kind, shape, range) in index.tensors {
+        let data = &bytes[index.data_start + range.start..index.data_start + range.end];
+        let tensor = Tensor::f_from_data_size(data, &shape, kind)
+            .map_err(|e| format_error(path, format!("tensor {name:?}: {e}")))?;
+        entries.push((name, tensor));
+    }
+    Ok((entries, index.metadata))
+}
+
+/// Reads a safetensors file tensor by tensor: loading costs the tensors plus one tensor's
+/// bytes, not the whole file twice. The safetensors crate checks the header against a buffer
+/// of the file's length; that buffer is a fresh zeroed allocation of which only the header's
+/// pages are written (the allocator maps large zeroed blocks lazily, so the rest costs no
+/// memory), and each tensor is read from the file into its own place.
+fn read_safetensors_file(mut file: File, path: &Path) -> Result<SafetensorsContent> {
+    let io_error = |source| MixError::Io { path: path.display().to_string(), source };
+    let len = file.metadata().map_err(io_error)?.len();
+    let len = usize::try_from(len).map_err(|_| format_error(path, "file too large"))?;
+    let mut buffer = vec![0u8; len];
+    file.seek(SeekFrom::Start(0)).map_err(io_error)?;
+    let prefix = len.min(8);
+    file.read_exact(&mut buffer[..prefix]).map_err(io_error)?;
+    if let Ok(n) = <[u8; 8]>::try_from(&buffer[..prefix]) {
+        // A header longer than the file is the crate's to report; read what there is.
+        let header_end = usize::try_from(u64::from_le_bytes(n))
+            .ok()
+            .and_then(|n| n.checked_add(8))
+            .map_or(len, |end| end.min(len));
+        file.read_exact(&mut buffer[8..header_end]).map_err(io_error)?;
+    }
+    let index = index_safetensors(&buffer, path)?;
+    drop(buffer);
+    let mut entries = Vec::with_capacity(index.tensors.len());
+    let mut data = Vec::new();
+    for (name, kind, shape, range) in index.tensors {
+        file.seek(SeekFrom::Start((index.data_start + range.start) as u64)).map_err(io_error)?;
+        data.clear();
+        data.resize(range.len(), 0);
+        file.read_exact(&mut data).map_err(io_error)?;
+        let tensor = Tensor::f_from_data_size(&data, &shape, kind)
+            .map_err(|e| format_error(path, format!("tensor {name:?}: {e}")))?;
+        entries.push((name, tensor));
+    }
+    Ok((entries, index.metadata))
+}
+
+/// A safetensors header, checked: where the data begins, and each tensor's name, dtype, shape
+/// and byte range within the data (sorted by name), and the `__metadata__`.
+struct SafetensorsIndex {
+    data_start: usize,
+    tensors: Vec<(String, Kind, Vec<i64>, std::ops::Range<usize>)>,
+    metadata: HashMap<String, String>,
+}
+
+/// Reads the header of a safetensors buffer (the file's length, with at least its header),
+/// checked by the safetensors crate against that length.
+fn index_safetensors(buffer: &[u8], path: &Path) -> Result<SafetensorsIndex> {
     use safetensors::SafeTensors;
     let not_safetensors = |e: safetensors::SafeTensorError| {
         format_error(path, format!("neither a torch.save zip archive nor safetensors ({e:?})"))
     };
-    check_safetensors_offsets(bytes).map_err(not_safetensors)?;
-    let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(not_safetensors)?;
-    let tensors = SafeTensors::deserialize(bytes).map_err(not_safetensors)?;
-    if tensors.len() > MAX_TENSORS {
+    check_safetensors_offsets(buffer).map_err(not_safetensors)?;
+    let (header_len, metadata) = SafeTensors::read_metadata(buffer).map_err(not_safetensors)?;
+    let infos = metadata.tensors();
+    if infos.len() > MAX_TENSORS {
         return Err(format_error(
             path,
-            format!("{} tensors, more than the {MAX_TENSORS} tch-mix reads", tensors.len()),
+            format!("{} tensors, more than the {MAX_TENSORS} tch-mix reads", infos.len()),
         ));
     }
-    let mut entries = Vec::with_capacity(tensors.len());
-    for (name, view) in tensors.tensors() {
-        let tensor = Tensor::try_from(view)
+    let mut tensors = Vec::with_capacity(infos.len());
+    for (name, info) in infos {
+        let kind = Kind::try_from(info.dtype)
             .map_err(|e| format_error(path, format!("tensor {name:?}: {e}")))?;
-        entries.push((name, tensor));
+        let shape: Option<Vec<i64>> = info.shape.iter().map(|&n| i64::try_from(n).ok()).collect();
+        let shape = shape.ok_or_else(|| format_error(path, format!("tensor {name:?}: size")))?;
+        let (start, end) = info.data_offsets;
+        tensors.push((name, kind, shape, start..end));
     }
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok((entries, metadata.metadata().clone().unwrap_or_default()))
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(SafetensorsIndex {
+        data_start: header_len + 8,
+        tensors,
+        metadata: metadata.metadata().clone().unwrap_or_default(),
+    })
 }
 
 /// Parses a JSON object of strings, the form of a safetensors `__metadata__`, with the
