@@ -12,7 +12,8 @@ one). For each mixer:
    ``load_state_dict(strict=True)`` (the ``.pt`` through ``torch.load(weights_only=True)``), carry
    the mixer's hyper-parameters as ``scripts/save_swak.py`` writes them, and give Rust's output
    and importance on Rust's input. The ``.pt``'s ``data.pkl`` is byte for byte what
-   ``torch.save`` writes for the same ``OrderedDict``.
+   ``torch.save`` writes for the same ``OrderedDict``, and ``torch.load`` also reads it with
+   ``mmap=True`` and ``map_location="meta"``.
 2. swak -> Rust -> swak: the PyTorch model is trained a few steps and saved four ways:
    ``torch.save(state_dict)`` (no metadata), ``save_swak.save`` to ``.safetensors`` and ``.pt``,
    and swak's ``Checkpoint`` (its metadata added by ``save_swak.add_metadata``). Rust loads each
@@ -127,6 +128,13 @@ def rust_to_swak(binary, mixer, work):
         worst = max(worst, check_close(f"{mixer} {name} importance", importance, saved["importance"]))
         if name.endswith(".pt"):
             check_pickle(path, state)
+            # torch.load's other ways in: memory-mapped storages, and shapes only.
+            mapped = torch.load(path, weights_only=True, mmap=True)
+            if any(not torch.equal(mapped[k], v) for k, v in state.items()):
+                raise SystemExit(f"FAIL {path}: torch.load(mmap=True) differs")
+            meta = torch.load(path, weights_only=True, map_location="meta")
+            if {k: v.shape for k, v in meta.items()} != {k: v.shape for k, v in state.items()}:
+                raise SystemExit(f"FAIL {path}: torch.load(map_location='meta') differs")
     return worst
 
 
