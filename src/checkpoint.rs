@@ -427,12 +427,13 @@ fn read_safetensors_file(mut file: File, path: &Path) -> Result<SafetensorsConte
     let prefix = len.min(8);
     file.read_exact(&mut buffer[..prefix]).map_err(io_error)?;
     if let Ok(n) = <[u8; 8]>::try_from(&buffer[..prefix]) {
-        // A header longer than the file is the crate's to report; read what there is.
-        let header_end = usize::try_from(u64::from_le_bytes(n))
-            .ok()
-            .and_then(|n| n.checked_add(8))
-            .map_or(len, |end| end.min(len));
-        file.read_exact(&mut buffer[8..header_end]).map_err(io_error)?;
+        // A header longer than the file, or than the crate reads (100 MB), is the crate's to
+        // report without reading it; else read the header, as much of it as the file holds.
+        let n = u64::from_le_bytes(n);
+        if n <= SAFETENSORS_MAX_HEADER {
+            let header_end = (n as usize).saturating_add(8).min(len);
+            file.read_exact(&mut buffer[8..header_end]).map_err(io_error)?;
+        }
     }
     let index = index_safetensors(&buffer, path)?;
     drop(buffer);
@@ -449,6 +450,9 @@ fn read_safetensors_file(mut file: File, path: &Path) -> Result<SafetensorsConte
     }
     Ok((entries, index.metadata))
 }
+
+/// The longest header the safetensors crate (0.3) reads, in bytes.
+const SAFETENSORS_MAX_HEADER: u64 = 100_000_000;
 
 /// A safetensors header, checked: where the data begins, and each tensor's name, dtype, shape
 /// and byte range within the data (sorted by name), and the `__metadata__`.
