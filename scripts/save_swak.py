@@ -110,7 +110,8 @@ def save(model_or_state, path, meta=None):
         _replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta or None))
     elif path.endswith((".pt", ".pth")):
         def write(tmp):
-            torch.save(state, tmp)
+            with open(tmp, "wb") as file:  # a file object: the archive's folder is "archive"
+                torch.save(state, file)
             if meta:
                 add_metadata(tmp, meta)
         _replace_atomically(path, write)

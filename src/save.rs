@@ -151,7 +151,10 @@ fn write_atomically(path: &Path, write: impl FnOnce(File) -> Result<File>) -> Re
             Err(e) => return Err(io_error(&temp, e)),
         }
     };
-    let file = write(file)?;
+    let file = write(file).map_err(|e| match e {
+        MixError::Io { source, .. } => io_error(path, source),
+        other => other,
+    })?;
     file.sync_all().map_err(|e| io_error(&temp.path, e))?;
     drop(file);
     fs::rename(&temp.path, path).map_err(|e| io_error(path, e))?;
@@ -179,10 +182,7 @@ fn write_tensor(out: &mut impl Write, tensor: &Tensor, buffer: &mut Vec<u8>) -> 
         let bytes = len as usize * element;
         buffer.resize(bytes, 0);
         part.f_copy_data_u8(&mut buffer[..bytes], len as usize)?;
-        out.write_all(&buffer[..bytes]).map_err(|e| MixError::Io {
-            path: "(the file being written)".to_string(),
-            source: e,
-        })?;
+        out.write_all(&buffer[..bytes]).map_err(write_error)?;
         start += len;
     }
     Ok(())
@@ -217,8 +217,9 @@ fn metadata_json(state: &StateDict) -> String {
     format!("{{{}}}", items.join(","))
 }
 
+/// An error of the writers, whose path [`write_atomically`] fills in.
 fn write_error(source: std::io::Error) -> MixError {
-    MixError::Io { path: "(the file being written)".to_string(), source }
+    MixError::Io { path: String::new(), source }
 }
 
 /// Writes safetensors: the header (tensors ordered by element size, largest first, then by
