@@ -353,3 +353,34 @@ fn spec_metadata_with_a_missing_field_is_an_error() {
     state.set_spec("mix", &Spec::Global { mod_dim: 8, n_features: 2, config: Default::default() });
     assert!(!state.metadata().contains_key("tch_mix.mix.bias"));
 }
+
+/// A tensor of more than one 4 MiB chunk, its last chunk partial, and a transposed view of one.
+fn large(device: Device) -> StateDict {
+    let big = Tensor::randn([1_300_001], (Kind::Float, device));
+    let wide = Tensor::randn([700, 1500], (Kind::Double, device)).tr();
+    StateDict::new(vec![("big".into(), big), ("wide".into(), wide)])
+}
+
+fn saves_chunk_by_chunk(device: Device) {
+    tch::manual_seed(4);
+    let dir = scratch(&format!("chunks-{device:?}"));
+    let state = large(device);
+    let on_cpu = StateDict::new(
+        state.iter().map(|(k, t)| (k.to_string(), t.to_device(Device::Cpu))).collect(),
+    );
+    for name in ["large.pt", "large.safetensors"] {
+        state.save(dir.join(name)).unwrap();
+        assert_same_bits(&on_cpu, &StateDict::from_file(dir.join(name)).unwrap());
+    }
+}
+
+#[test]
+fn tensors_larger_than_a_chunk_are_written_whole() {
+    saves_chunk_by_chunk(Device::Cpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA device; scripts/device_check runs it with --ignored"]
+fn cuda_tensors_are_copied_to_the_file_chunk_by_chunk() {
+    saves_chunk_by_chunk(common::cuda());
+}
