@@ -1,25 +1,33 @@
 //! Reading PyTorch-trained weights and loading them strictly.
 //!
-//! [`StateDict::from_file`] reads `.safetensors` files and files written by
-//! `torch.save(module.state_dict(), path)` (a zip archive holding a pickle). The pickle is never
-//! executed: a small reader accepts only what a state dict is made of (`OrderedDict`, dicts,
-//! tuples, strings, numbers, `torch._utils._rebuild_tensor_v2` / `_rebuild_parameter` and the
-//! `torch.*Storage` types) and refuses anything else, like `torch.load(weights_only=True)`.
+//! [`StateDict::from_file`] reads `.safetensors` files and files written by `torch.save` (a zip
+//! archive holding a pickle): a state dict, or a checkpoint that holds one, such as swak's
+//! `Checkpoint` (`{'epoch', 'loss', 'model', 'optimizer', 'scheduler'}`), from which it takes
+//! `model` ([`StateDict::from_file_key`] takes any entry). The pickle is never executed: a small
+//! reader accepts what `torch.load(weights_only=True)` reads of such files (dicts and
+//! `OrderedDict`s, lists, tuples, strings, numbers, bools, `None`, and tensors rebuilt by
+//! `torch._utils._rebuild_tensor_v2` / `_rebuild_parameter` from the `torch.*Storage` types) and
+//! refuses anything else, a pickled module included.
 //!
 //! The reader is built for files it did not write. A pickled value is a small `Copy` handle into
 //! flat tables, so sharing one through the memo costs 8 bytes however big it is, and nothing is
 //! recursive: no nesting depth can overflow the stack while a value is built, read or dropped.
-//! Dict items are appended, and only the state dict itself is de-duplicated, once, at the end.
+//! Dict items are appended, and only the selected state dict is de-duplicated, once, at the end.
 //! Every size, stride, offset and element count is checked arithmetic; a tensor is a view of
 //! its storage, never a copy (a stride-0 view of one stored number allocates nothing); no zip
-//! entry is read past the size that its storage declares. The `MAX_*` constants below bound what
-//! a file can make the reader do; each is far above what a real state dict needs.
+//! entry is read past the size that its storage declares, and only the selected state dict's
+//! storages are read. The `MAX_*` constants below bound what a file can make the reader do; each
+//! is far above what a real state dict needs.
+//!
+//! Files written by tch-mix ([`StateDict::save`]) carry each mixer's class and hyper-parameters
+//! as metadata ([`METADATA_PREFIX`], [`METADATA_ENTRY`]); [`StateDict::metadata`] holds what a
+//! file carries and [`StateDict::spec`] reads a mixer's [`Spec`] from it.
 //!
 //! [`Mixer::load_state`](crate::Mixer::load_state) and [`load_var_store`] copy the weights like
 //! `load_state_dict(strict=True)`: one error lists every missing key, every unexpected key and
 //! every shape mismatch, and nothing is copied unless everything fits.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
@@ -28,6 +36,7 @@ use tch::{nn, Kind, Tensor};
 use zip::{CompressionMethod, ZipArchive};
 
 use crate::error::{MixError, Result};
+use crate::spec::Spec;
 
 // The limits below are sized together: a real state dict of `MAX_TENSORS` tensors stays within
 // each of them, and a file at all of them at once makes the pickle reader hold at most about
@@ -56,42 +65,96 @@ pub const MAX_ZIP_ENTRIES: u64 = MAX_TENSORS as u64 + 1024;
 /// The most dimensions of one tensor.
 pub const MAX_DIMS: usize = 64;
 
-/// Named tensors in the order of the file, keyed as in PyTorch's `state_dict()`.
+/// The largest metadata entry ([`METADATA_ENTRY`]) read from a `torch.save` archive, in bytes
+/// (64 KiB; a mixer's hyper-parameters take some 200).
+pub const MAX_METADATA_BYTES: u64 = 64 << 10;
+
+/// The first part of every metadata key that tch-mix writes: a mixer at `prefix` in the state
+/// dict is described by `tch_mix.<prefix>.mixer`, `tch_mix.<prefix>.mod_dim`, ... (by
+/// `tch_mix.mixer`, ... for a mixer at the root), the keys of [`Spec::to_metadata`].
+pub const METADATA_PREFIX: &str = "tch_mix";
+
+/// The entry of a `torch.save` archive, `<top>/tch_mix.json`, that holds a [`StateDict`]'s
+/// metadata: the same JSON object of strings as a safetensors file's `__metadata__`.
+/// `torch.load` reads only the entries its pickle names, so it never looks at this one.
+pub const METADATA_ENTRY: &str = "tch_mix.json";
+
+/// The names of a mixer's fields in the metadata ([`Spec::to_metadata`]'s keys).
+const SPEC_FIELDS: [&str; 8] =
+    ["mixer", "mod_dim", "n_features", "n_heads", "bias", "dropout", "skip", "keep_dim"];
+
+/// Named tensors in the order of the file, keyed as in PyTorch's `state_dict()`, and the string
+/// metadata the file carries (a safetensors file's `__metadata__`, or the [`METADATA_ENTRY`] of
+/// a `torch.save` archive that tch-mix wrote).
 #[derive(Default)]
 pub struct StateDict {
     entries: Vec<(String, Tensor)>,
     /// Position of each key in `entries` (the first, if a key repeats).
     index: HashMap<String, usize>,
+    metadata: BTreeMap<String, String>,
 }
 
 impl StateDict {
-    /// Wraps named tensors.
+    /// Wraps named tensors, without metadata.
     pub fn new(entries: Vec<(String, Tensor)>) -> Self {
         let mut index = HashMap::with_capacity(entries.len());
         for (i, (key, _)) in entries.iter().enumerate() {
             index.entry(key.clone()).or_insert(i);
         }
-        Self { entries, index }
+        Self { entries, index, metadata: BTreeMap::new() }
     }
 
-    /// Reads a `.safetensors` file or a `torch.save(state_dict)` zip archive, told apart by their
-    /// first bytes. Tensors stay on the CPU in their stored dtype; those of a zip archive are
-    /// views of its storages, as in PyTorch (tensors that shared a storage still share it).
+    /// The weights of `mixer` under `prefix` (`mix` gives `mix.coeffs`, ...; empty for none) in
+    /// swak's `state_dict()` order, with the mixer's [`Spec`] as metadata at that prefix. The
+    /// tensors are the mixer's own (shallow clones), ready for [`StateDict::save`].
+    pub fn from_mixer<M: crate::Mixer + ?Sized>(mixer: &M, prefix: &str) -> Self {
+        let entries = mixer.variables().into_iter().map(|(key, t)| (dotted(prefix, key), t));
+        let mut state = Self::new(entries.collect());
+        state.set_spec(prefix, &mixer.spec());
+        state
+    }
+
+    /// Every variable of `vs` under its VarStore name (`mix.coeffs`, `head.weight`, ...), with
+    /// `prefix.` in front if `prefix` is not empty, sorted by name (a VarStore keeps no order).
+    /// No metadata: add a mixer's spec with [`StateDict::set_spec`].
+    pub fn from_var_store(vs: &nn::VarStore, prefix: &str) -> Self {
+        let mut entries: Vec<(String, Tensor)> =
+            vs.variables().into_iter().map(|(key, t)| (dotted(prefix, &key), t)).collect();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        Self::new(entries)
+    }
+
+    /// Reads a `.safetensors` file or a `torch.save` zip archive, told apart by their first
+    /// bytes. From a `torch.save` file it takes the pickled dict if that is a state dict, else
+    /// its `model` entry, as in swak's `Checkpoint` files (an error lists the entries if there is
+    /// none). Tensors stay on the CPU in their stored dtype; those of a zip archive are views of
+    /// its storages, as in PyTorch (tensors that shared a storage still share it).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let io_error = |source| MixError::Io { path: path.display().to_string(), source };
-        let mut file = File::open(path).map_err(io_error)?;
-        let mut head = Vec::with_capacity(4);
-        (&mut file).take(4).read_to_end(&mut head).map_err(io_error)?;
-        match sniff(&head) {
-            Sniffed::TorchZip => read_torch_zip(file, path),
-            Sniffed::TorchLegacy => Err(format_error(path, LEGACY)),
-            Sniffed::Other => {
-                let mut bytes = head;
-                file.read_to_end(&mut bytes).map_err(io_error)?;
-                Ok(Self::new(read_safetensors(&bytes, path)?.0))
-            }
-        }
+        read_file(path.as_ref(), None)
+    }
+
+    /// Reads the state dict at `key` in a `torch.save` checkpoint: a path of dict keys (or
+    /// tuple positions) joined by dots, such as `model`, `ema.model` or `optimizer.state.0`
+    /// (an int key is written as its digits); empty for the pickled object itself. An error
+    /// lists the entries where a key is missing, and says what the entry holds if it is not a
+    /// state dict. Metadata comes with the state dict that [`StateDict::from_file`] would read
+    /// (the root or `model`), for which a file's metadata is written, and not with other entries.
+    /// A safetensors file holds one flat state dict and takes no key.
+    pub fn from_file_key(path: impl AsRef<Path>, key: &str) -> Result<Self> {
+        read_file(path.as_ref(), Some(key))
+    }
+
+    /// Writes the state dict and its metadata to `path`: safetensors for `.safetensors`, a
+    /// `torch.save` zip archive for `.pt` or `.pth` (which `torch.load(path, weights_only=True)`
+    /// reads as an `OrderedDict`, with the metadata in its [`METADATA_ENTRY`]); any other
+    /// extension is an error. Keys, shapes and dtypes are kept; every tensor is written as a
+    /// contiguous copy on the CPU (in chunks, so a large tensor costs no second copy at once).
+    ///
+    /// The write is atomic: the file is written to a temporary file next to `path`, synced to
+    /// disk, then renamed to `path`; on any error the temporary file is removed and `path` is
+    /// left as it was.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        crate::save::save(self, path.as_ref())
     }
 
     /// The keys, in file order.
@@ -119,25 +182,122 @@ impl StateDict {
         self.entries.is_empty()
     }
 
+    /// The string metadata: what the file carried, or what [`StateDict::set_spec`] added.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// The metadata, to add entries of your own (they are saved with the tensors).
+    pub fn metadata_mut(&mut self) -> &mut BTreeMap<String, String> {
+        &mut self.metadata
+    }
+
+    /// The [`Spec`] of the mixer at `prefix` (empty for the root) that the metadata describes,
+    /// `None` if it describes none there; an error if it does so incompletely.
+    pub fn spec(&self, prefix: &str) -> Result<Option<Spec>> {
+        let base = dotted(METADATA_PREFIX, prefix);
+        if !self.metadata.contains_key(&format!("{base}.mixer")) {
+            return Ok(None);
+        }
+        let spec = Spec::from_metadata(|key| self.metadata.get(&format!("{base}.{key}")).cloned());
+        spec.map(Some).map_err(|e| MixError::Config(format!("{base}.*: {e}")))
+    }
+
+    /// Describes the mixer at `prefix` (empty for the root) by `spec` in the metadata, replacing
+    /// what described one there before.
+    pub fn set_spec(&mut self, prefix: &str, spec: &Spec) {
+        let base = dotted(METADATA_PREFIX, prefix);
+        for field in SPEC_FIELDS {
+            self.metadata.remove(&format!("{base}.{field}"));
+        }
+        for (key, value) in spec.to_metadata() {
+            self.metadata.insert(format!("{base}.{key}"), value);
+        }
+    }
+
     /// The entries under `prefix.` with the prefix stripped: the weights of one sub-module of a
     /// bigger model (`mix.project.weight` becomes `project.weight` for prefix `mix`).
-    /// An empty prefix keeps everything.
+    /// An empty prefix keeps everything. The metadata of tch-mix follows (`tch_mix.mix.mixer`
+    /// becomes `tch_mix.mixer`; what describes other sub-modules is dropped); other metadata is
+    /// kept as it is.
     pub fn sub(&self, prefix: &str) -> Self {
-        if prefix.is_empty() {
-            let entries = self.iter().map(|(k, t)| (k.to_string(), t.shallow_clone()));
-            return Self::new(entries.collect());
-        }
-        let dotted = format!("{prefix}.");
-        let entries = self
+        let dotted_prefix = format!("{prefix}.");
+        let entries = self.iter().filter_map(|(k, t)| {
+            let key = if prefix.is_empty() { k } else { k.strip_prefix(&dotted_prefix)? };
+            Some((key.to_string(), t.shallow_clone()))
+        });
+        let mut state = Self::new(entries.collect());
+        let (ours, base) = (format!("{METADATA_PREFIX}."), dotted(METADATA_PREFIX, prefix) + ".");
+        state.metadata = self
+            .metadata
             .iter()
-            .filter_map(|(k, t)| Some((k.strip_prefix(&dotted)?.to_string(), t.shallow_clone())));
-        Self::new(entries.collect())
+            .filter_map(|(key, value)| match key.strip_prefix(&base) {
+                Some(rest) => Some((format!("{ours}{rest}"), value.clone())),
+                None if key.starts_with(&ours) => None,
+                None => Some((key.clone(), value.clone())),
+            })
+            .collect();
+        state
+    }
+
+    /// The entries with `prefix.` in front of every key (the inverse of [`StateDict::sub`]): the
+    /// state of this module as a sub-module `prefix` of a bigger model. The metadata of tch-mix
+    /// moves with it (`tch_mix.mixer` becomes `tch_mix.<prefix>.mixer`).
+    pub fn with_prefix(&self, prefix: &str) -> Self {
+        let entries = self.iter().map(|(k, t)| (dotted(prefix, k), t.shallow_clone()));
+        let mut state = Self::new(entries.collect());
+        let ours = format!("{METADATA_PREFIX}.");
+        state.metadata = self
+            .metadata
+            .iter()
+            .map(|(key, value)| match key.strip_prefix(&ours) {
+                Some(rest) => {
+                    (format!("{}.{rest}", dotted(METADATA_PREFIX, prefix)), value.clone())
+                }
+                None => (key.clone(), value.clone()),
+            })
+            .collect();
+        state
+    }
+
+    /// The same entries with every floating-point tensor converted to `kind` (a floating-point
+    /// kind); other tensors (integer counters, bool masks) are kept as they are.
+    pub fn to_float_kind(&self, kind: Kind) -> Result<Self> {
+        if !matches!(kind, Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double) {
+            return Err(MixError::Config(format!(
+                "{kind:?} is not a floating-point dtype (float64, float32, bfloat16, float16)"
+            )));
+        }
+        let mut entries = Vec::with_capacity(self.len());
+        for (key, tensor) in self.iter() {
+            let tensor = if tensor.is_floating_point() {
+                tensor.f_to_kind(kind)?
+            } else {
+                tensor.shallow_clone()
+            };
+            entries.push((key.to_string(), tensor));
+        }
+        let mut state = Self::new(entries);
+        state.metadata = self.metadata.clone();
+        Ok(state)
+    }
+}
+
+/// `prefix.key`, or `key` alone for an empty prefix.
+fn dotted(prefix: &str, key: &str) -> String {
+    match (prefix.is_empty(), key.is_empty()) {
+        (true, _) => key.to_string(),
+        (false, true) => prefix.to_string(),
+        (false, false) => format!("{prefix}.{key}"),
     }
 }
 
 impl std::fmt::Debug for StateDict {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StateDict").field("entries", &self.entries).finish()
+        f.debug_struct("StateDict")
+            .field("entries", &self.entries)
+            .field("metadata", &self.metadata)
+            .finish()
     }
 }
 
@@ -178,6 +338,33 @@ pub(crate) fn copy_strict(targets: Vec<(String, Tensor)>, state: &StateDict) -> 
     })
 }
 
+/// [`StateDict::from_file`] (`key` `None`) and [`StateDict::from_file_key`].
+fn read_file(path: &Path, key: Option<&str>) -> Result<StateDict> {
+    let io_error = |source| MixError::Io { path: path.display().to_string(), source };
+    let mut file = File::open(path).map_err(io_error)?;
+    let mut head = Vec::with_capacity(4);
+    (&mut file).take(4).read_to_end(&mut head).map_err(io_error)?;
+    match sniff(&head) {
+        Sniffed::TorchZip => read_torch_zip(file, path, key),
+        Sniffed::TorchLegacy => Err(format_error(path, LEGACY)),
+        Sniffed::Other => {
+            let (entries, metadata) = read_safetensors_file(file, path)?;
+            if let Some(key) = key {
+                return Err(format_error(
+                    path,
+                    format!(
+                        "a safetensors file holds one flat state dict, with no entry {key:?} to \
+                         select (a key selects an entry of a torch.save checkpoint)"
+                    ),
+                ));
+            }
+            let mut state = StateDict::new(entries);
+            state.metadata = metadata.into_iter().collect();
+            Ok(state)
+        }
+    }
+}
+
 fn format_error(path: &Path, reason: impl Into<String>) -> MixError {
     MixError::Format { path: path.display().to_string(), reason: reason.into() }
 }
@@ -215,27 +402,116 @@ pub(crate) type SafetensorsContent = (Vec<(String, Tensor)>, HashMap<String, Str
 
 /// Reads every tensor (sorted by name) and the `__metadata__` of a safetensors buffer.
 pub(crate) fn read_safetensors(bytes: &[u8], path: &Path) -> Result<SafetensorsContent> {
+    let index = index_safetensors(bytes, path)?;
+    let mut entries = Vec::with_capacity(index.tensors.len());
+    for (name, kind, shape, range) in index.tensors {
+        let data = &bytes[index.data_start + range.start..index.data_start + range.end];
+        let tensor = Tensor::f_from_data_size(data, &shape, kind)
+            .map_err(|e| format_error(path, format!("tensor {name:?}: {e}")))?;
+        entries.push((name, tensor));
+    }
+    Ok((entries, index.metadata))
+}
+
+/// Reads a safetensors file tensor by tensor: loading costs the tensors plus one tensor's
+/// bytes, not the whole file twice. The safetensors crate checks the header against a buffer
+/// of the file's length; that buffer is a fresh zeroed allocation of which only the header's
+/// pages are written (the allocator maps large zeroed blocks lazily, so the rest costs no
+/// memory), and each tensor is read from the file into its own place.
+fn read_safetensors_file(mut file: File, path: &Path) -> Result<SafetensorsContent> {
+    let io_error = |source| MixError::Io { path: path.display().to_string(), source };
+    let len = file.metadata().map_err(io_error)?.len();
+    let len = usize::try_from(len).map_err(|_| format_error(path, "file too large"))?;
+    let mut buffer = vec![0u8; len];
+    file.seek(SeekFrom::Start(0)).map_err(io_error)?;
+    let prefix = len.min(8);
+    file.read_exact(&mut buffer[..prefix]).map_err(io_error)?;
+    if let Ok(n) = <[u8; 8]>::try_from(&buffer[..prefix]) {
+        // A header longer than the file, or than the crate reads (100 MB), is the crate's to
+        // report without reading it; else read the header, as much of it as the file holds.
+        let n = u64::from_le_bytes(n);
+        if n <= SAFETENSORS_MAX_HEADER {
+            let header_end = (n as usize).saturating_add(8).min(len);
+            file.read_exact(&mut buffer[8..header_end]).map_err(io_error)?;
+        }
+    }
+    let index = index_safetensors(&buffer, path)?;
+    drop(buffer);
+    let mut entries = Vec::with_capacity(index.tensors.len());
+    let mut data = Vec::new();
+    for (name, kind, shape, range) in index.tensors {
+        file.seek(SeekFrom::Start((index.data_start + range.start) as u64)).map_err(io_error)?;
+        data.clear();
+        data.resize(range.len(), 0);
+        file.read_exact(&mut data).map_err(io_error)?;
+        let tensor = Tensor::f_from_data_size(&data, &shape, kind)
+            .map_err(|e| format_error(path, format!("tensor {name:?}: {e}")))?;
+        entries.push((name, tensor));
+    }
+    Ok((entries, index.metadata))
+}
+
+/// The longest header the safetensors crate (0.3) reads, in bytes.
+const SAFETENSORS_MAX_HEADER: u64 = 100_000_000;
+
+/// A safetensors header, checked: where the data begins, and each tensor's name, dtype, shape
+/// and byte range within the data (sorted by name), and the `__metadata__`.
+struct SafetensorsIndex {
+    data_start: usize,
+    tensors: Vec<(String, Kind, Vec<i64>, std::ops::Range<usize>)>,
+    metadata: HashMap<String, String>,
+}
+
+/// Reads the header of a safetensors buffer (the file's length, with at least its header),
+/// checked by the safetensors crate against that length.
+fn index_safetensors(buffer: &[u8], path: &Path) -> Result<SafetensorsIndex> {
     use safetensors::SafeTensors;
     let not_safetensors = |e: safetensors::SafeTensorError| {
         format_error(path, format!("neither a torch.save zip archive nor safetensors ({e:?})"))
     };
-    check_safetensors_offsets(bytes).map_err(not_safetensors)?;
-    let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(not_safetensors)?;
-    let tensors = SafeTensors::deserialize(bytes).map_err(not_safetensors)?;
-    if tensors.len() > MAX_TENSORS {
+    check_safetensors_offsets(buffer).map_err(not_safetensors)?;
+    let (header_len, metadata) = SafeTensors::read_metadata(buffer).map_err(not_safetensors)?;
+    let infos = metadata.tensors();
+    if infos.len() > MAX_TENSORS {
         return Err(format_error(
             path,
-            format!("{} tensors, more than the {MAX_TENSORS} tch-mix reads", tensors.len()),
+            format!("{} tensors, more than the {MAX_TENSORS} tch-mix reads", infos.len()),
         ));
     }
-    let mut entries = Vec::with_capacity(tensors.len());
-    for (name, view) in tensors.tensors() {
-        let tensor = Tensor::try_from(view)
+    let mut tensors = Vec::with_capacity(infos.len());
+    for (name, info) in infos {
+        let kind = Kind::try_from(info.dtype)
             .map_err(|e| format_error(path, format!("tensor {name:?}: {e}")))?;
-        entries.push((name, tensor));
+        let shape: Option<Vec<i64>> = info.shape.iter().map(|&n| i64::try_from(n).ok()).collect();
+        let shape = shape.ok_or_else(|| format_error(path, format!("tensor {name:?}: size")))?;
+        let (start, end) = info.data_offsets;
+        tensors.push((name, kind, shape, start..end));
     }
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok((entries, metadata.metadata().clone().unwrap_or_default()))
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(SafetensorsIndex {
+        data_start: header_len + 8,
+        tensors,
+        metadata: metadata.metadata().clone().unwrap_or_default(),
+    })
+}
+
+/// Parses a JSON object of strings, the form of a safetensors `__metadata__`, with the
+/// safetensors crate's own parser: as the `__metadata__` of a header without tensors.
+pub(crate) fn parse_metadata(json: &[u8]) -> std::result::Result<BTreeMap<String, String>, String> {
+    const OPEN: &[u8] = b"{\"__metadata__\":";
+    let not_strings = || "not a JSON object of strings".to_string();
+    let header_len = OPEN.len() + json.len() + 1;
+    let mut header = Vec::with_capacity(8 + header_len);
+    header.extend_from_slice(&(header_len as u64).to_le_bytes());
+    header.extend_from_slice(OPEN);
+    header.extend_from_slice(json);
+    header.push(b'}');
+    let (_, parsed) =
+        safetensors::SafeTensors::read_metadata(&header).map_err(|_| not_strings())?;
+    if !parsed.tensors().is_empty() {
+        return Err(not_strings());
+    }
+    Ok(parsed.metadata().clone().unwrap_or_default().into_iter().collect())
 }
 
 /// The safetensors crate (0.3) adds the data's end offset to the header's length unchecked: an
@@ -269,8 +545,9 @@ fn check_safetensors_offsets(
     Ok(())
 }
 
-/// Reads a `torch.save` zip archive: `<top>/data.pkl` plus one `<top>/data/<key>` per storage.
-fn read_torch_zip(file: File, path: &Path) -> Result<StateDict> {
+/// Reads a `torch.save` zip archive: `<top>/data.pkl` plus one `<top>/data/<key>` per storage,
+/// and the state dict at `key` in its pickle (see [`Pickled::select`]).
+fn read_torch_zip(file: File, path: &Path, key: Option<&str>) -> Result<StateDict> {
     let bad = |reason: String| format_error(path, reason);
     let mut reader = WindowedFile::new(file).map_err(|e| bad(e.to_string()))?;
     let file_len = reader.len;
@@ -284,7 +561,7 @@ fn read_torch_zip(file: File, path: &Path) -> Result<StateDict> {
             return Err(bad(format!("byte order {order:?} is not supported")));
         }
     }
-    let specs = {
+    let selected = {
         let pickle = archive.read("data.pkl", MAX_PICKLE_BYTES).map_err(bad)?;
         if pickle.len() as u64 > MAX_PICKLE_BYTES {
             return Err(bad(format!(
@@ -293,9 +570,12 @@ fn read_torch_zip(file: File, path: &Path) -> Result<StateDict> {
             )));
         }
         let pickled = Unpickler::new(&pickle).run().map_err(|e| bad(format!("data.pkl: {e}")))?;
-        pickled.state_dict().map_err(|e| bad(format!("data.pkl: {e}")))?
+        pickled.select(key).map_err(|e| bad(format!("data.pkl: {e}")))?
         // The pickle and its tables go here, before any storage is read.
     };
+    let metadata =
+        if selected.is_default { archive.metadata().map_err(bad)? } else { BTreeMap::new() };
+    let specs = selected.tensors;
     let mut storages: HashMap<String, (Kind, i64, Tensor)> = HashMap::new();
     let mut entries = Vec::with_capacity(specs.len());
     for spec in specs {
@@ -314,7 +594,9 @@ fn read_torch_zip(file: File, path: &Path) -> Result<StateDict> {
         let tensor = spec.view(base).map_err(|e| bad(format!("{:?}: {e}", spec.key)))?;
         entries.push((spec.key, tensor));
     }
-    Ok(StateDict::new(entries))
+    let mut state = StateDict::new(entries);
+    state.metadata = metadata;
+    Ok(state)
 }
 
 /// A file read through a 64 KiB window, so that seeking costs nothing. The zip reader seeks back
@@ -528,6 +810,20 @@ impl TorchArchive {
         self.read_optional(name, limit)?.ok_or(missing)
     }
 
+    /// The metadata in `<top>/tch_mix.json` ([`METADATA_ENTRY`]), empty without that entry.
+    fn metadata(&mut self) -> std::result::Result<BTreeMap<String, String>, String> {
+        let name = format!("{}{METADATA_ENTRY}", self.top);
+        let Some(text) = self.read_optional(METADATA_ENTRY, MAX_METADATA_BYTES)? else {
+            return Ok(BTreeMap::new());
+        };
+        if text.len() as u64 > MAX_METADATA_BYTES {
+            return Err(format!(
+                "{name} is larger than {MAX_METADATA_BYTES} bytes (tch-mix's MAX_METADATA_BYTES)"
+            ));
+        }
+        parse_metadata(&text).map_err(|e| format!("{name}: {e}"))
+    }
+
     /// The storage `<top>/data/<key>` as a flat tensor of its declared dtype and length.
     fn storage(
         &mut self,
@@ -718,29 +1014,156 @@ impl<'a> Pickled<'a> {
         self.tuple(tuple).iter().map(|&v| self.int(v).expect("checked when built")).collect()
     }
 
-    /// The root dict's tensors in the order Python's dict would hold them (a key set twice
-    /// keeps its first place and its last value), every key a string, every value a tensor, at
-    /// most [`MAX_TENSORS`]; owned, so that the pickle and its tables can go before any storage
-    /// is read.
-    fn state_dict(&self) -> PickleResult<Vec<TensorSpec>> {
-        let Value::Dict(root) = self.root else {
-            return Err(format!(
-                "the pickled object is a {}, not a state dict",
-                self.root.type_name()
-            ));
+    /// The state dict at `key` (see [`StateDict::from_file_key`]), or by default the pickled
+    /// object if it is a state dict, else its `model` entry; owned, so that the pickle and its
+    /// tables can go before any storage is read.
+    fn select(&self, key: Option<&str>) -> PickleResult<Selected> {
+        let (items, is_default) = match key {
+            None => (self.default_items()?, true),
+            Some(path) => {
+                let value = self.lookup(path)?;
+                let what = if path.is_empty() {
+                    "the pickled object".to_string()
+                } else {
+                    format!("entry {:?}", shorten(path))
+                };
+                let items = self.state_items(value, &what)?;
+                let root_is_state = self.state_items(self.root, "the pickled object").is_ok();
+                let is_default = match path {
+                    "" => root_is_state,
+                    "model" => !root_is_state,
+                    _ => false,
+                };
+                (items, is_default)
+            }
+        };
+        Ok(Selected { tensors: self.specs(items), is_default })
+    }
+
+    /// The pickled object if it is a state dict, else the `model` entry of a pickled dict (a
+    /// swak `Checkpoint`), which must be one.
+    fn default_items(&self) -> PickleResult<Vec<(&'a str, TensorRef)>> {
+        let root_error = match self.state_items(self.root, "the pickled object") {
+            Ok(items) => return Ok(items),
+            Err(e) => e,
+        };
+        if !matches!(self.root, Value::Dict(_)) {
+            return Err(root_error);
+        }
+        match self.child(self.root, "model") {
+            Some(model) => self.state_items(model, "entry \"model\""),
+            None => Err(format!(
+                "{root_error}; nor is it a checkpoint with a \"model\" entry: give the key of the \
+                 entry that holds the state dict ({})",
+                self.entries_of(self.root)
+            )),
+        }
+    }
+
+    /// The value at a path of dict keys and tuple positions joined by dots.
+    fn lookup(&self, path: &str) -> PickleResult<Value> {
+        let mut value = self.root;
+        if path.is_empty() {
+            return Ok(value);
+        }
+        let mut walked = "";
+        for (at, segment) in path.split('.').enumerate() {
+            let Some(child) = self.child(value, segment) else {
+                let place = if at == 0 {
+                    "the pickled object".to_string()
+                } else {
+                    format!("entry {:?}", shorten(walked))
+                };
+                return Err(format!(
+                    "no entry {:?} in {place} ({})",
+                    shorten(segment),
+                    self.entries_of(value)
+                ));
+            };
+            walked = &path[..walked.len() + usize::from(at > 0) + segment.len()];
+            value = child;
+        }
+        Ok(value)
+    }
+
+    /// The entry `segment` of a dict (its last value, as in Python: a string key, or an int key
+    /// written as its digits) or of a tuple (a position).
+    fn child(&self, value: Value, segment: &str) -> Option<Value> {
+        match value {
+            Value::Dict(dict) => {
+                let int = segment.parse::<i64>().ok().filter(|n| n.to_string() == segment);
+                let matches = |key: Value| match key {
+                    Value::Str(s) => self.str(s) == segment,
+                    Value::Int(_) | Value::Long(_) => int.is_some() && self.int(key) == int,
+                    _ => false,
+                };
+                // The last value set wins, as in Python.
+                let mut items = self.dict_items.iter().rev();
+                items.find(|&&(d, k, _)| d == dict && matches(k)).map(|&(_, _, v)| v)
+            }
+            Value::Tuple(tuple) => {
+                let position = segment.parse::<usize>().ok().filter(|n| n.to_string() == segment);
+                position.and_then(|i| self.tuple(tuple).get(i).copied())
+            }
+            _ => None,
+        }
+    }
+
+    /// What a value's entries are, for an error message: at most 20 keys with their types.
+    fn entries_of(&self, value: Value) -> String {
+        const SHOWN: usize = 20;
+        match value {
+            Value::Dict(dict) => {
+                let mut seen = HashSet::new();
+                let mut shown = Vec::new();
+                for &(_, key, value) in self.dict_items.iter().filter(|&&(d, _, _)| d == dict) {
+                    let name = match key {
+                        Value::Str(s) => format!("{:?}", shorten(self.str(s))),
+                        Value::Int(_) | Value::Long(_) => self.int(key).unwrap_or(0).to_string(),
+                        other => format!("<{}>", other.type_name()),
+                    };
+                    if seen.insert(name.clone()) {
+                        if shown.len() == SHOWN {
+                            shown.push("...".to_string());
+                            break;
+                        }
+                        shown.push(format!("{name}: {}", value.type_name()));
+                    }
+                }
+                if shown.is_empty() {
+                    "it is an empty dict".to_string()
+                } else {
+                    format!("its entries: {}", shown.join(", "))
+                }
+            }
+            Value::Tuple(tuple) => {
+                format!("a tuple of {} items, selected by position", self.tuple(tuple).len())
+            }
+            other => format!("{} has no entries", a(other.type_name())),
+        }
+    }
+
+    /// A dict's tensors in the order Python's dict would hold them (a key set twice keeps its
+    /// first place and its last value), every key a string, every value a tensor, at most
+    /// [`MAX_TENSORS`]; `what` names the value in an error.
+    fn state_items(&self, value: Value, what: &str) -> PickleResult<Vec<(&'a str, TensorRef)>> {
+        let Value::Dict(dict) = value else {
+            return Err(format!("{what} is {}, not a state dict", a(value.type_name())));
         };
         let mut items: Vec<(&str, TensorRef)> = Vec::new();
         let mut place: HashMap<&str, usize> = HashMap::new();
-        for &(dict, key, value) in &self.dict_items {
-            if dict != root {
+        for &(d, key, value) in &self.dict_items {
+            if d != dict {
                 continue;
             }
             let Value::Str(key) = key else {
-                return Err(format!("state dict key {} is not a string", key.type_name()));
+                let reason = format!("key {} is not a string", a(key.type_name()));
+                return Err(format!("{what} is not a state dict: {reason}"));
             };
             let key = self.str(key);
             let Value::Tensor(tensor) = value else {
-                return Err(format!("{key:?} holds a {}, not a tensor", value.type_name()));
+                let reason = format!("{key:?} holds {}, not a tensor", a(value.type_name()));
+                return Err(format!("{what} is not a state dict: {reason}"));
             };
             let tensor = self.tensors[tensor as usize];
             match place.get(key) {
@@ -756,6 +1179,11 @@ impl<'a> Pickled<'a> {
                 }
             }
         }
+        Ok(items)
+    }
+
+    /// Owned descriptions of the tensors of a state dict.
+    fn specs(&self, items: Vec<(&str, TensorRef)>) -> Vec<TensorSpec> {
         let spec = |(key, tensor): (&str, TensorRef)| {
             let storage = self.storages[tensor.storage as usize];
             TensorSpec {
@@ -768,8 +1196,22 @@ impl<'a> Pickled<'a> {
                 stride: self.ints(tensor.stride),
             }
         };
-        Ok(items.into_iter().map(spec).collect())
+        items.into_iter().map(spec).collect()
     }
+}
+
+/// A type name with its article: `a tuple`, `an int`.
+fn a(type_name: &str) -> String {
+    let article = if type_name.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+    format!("{article} {type_name}")
+}
+
+/// The state dict that [`Pickled::select`] found.
+struct Selected {
+    tensors: Vec<TensorSpec>,
+    /// Whether it is the one that [`StateDict::from_file`] reads, which a file's metadata
+    /// describes.
+    is_default: bool,
 }
 
 /// One tensor of a state dict as its pickle describes it: a view of a storage.
@@ -992,7 +1434,10 @@ impl<'a> Unpickler<'a> {
     fn global(&mut self, module: &str, name: &str) -> PickleResult<()> {
         let global = Global::new(module, name).ok_or_else(|| {
             format!(
-                "refusing global \"{}.{}\": a state dict holds only tensors",
+                "refusing global \"{}.{}\": tch-mix reads what torch.load(weights_only=True) \
+                 reads of state dicts and checkpoints (dicts, lists, tuples, numbers, strings, \
+                 tensors); if this is a whole pickled module (torch.save(model), swak's \
+                 ModelSaver), save its state_dict() instead",
                 shorten(module),
                 shorten(name)
             )
