@@ -13,18 +13,9 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 use tch_mix::StateDict;
 
-/// A `/proc/self/status` entry in KiB (`VmRSS`, `VmHWM`).
-fn status_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Resets the high-water mark of resident memory and returns the resident memory now, in KiB.
-fn reset_peak() -> Option<u64> {
-    std::fs::write("/proc/self/clear_refs", "5").ok()?;
-    status_kib("VmRSS:")
-}
+#[path = "common/memory.rs"]
+mod memory;
+use memory::{peak_mib, reset_peak};
 
 /// Runs `f`, returning its result, its time in ms and the peak memory it added in MiB.
 fn measure<T>(f: impl FnOnce() -> T) -> (T, f64, Option<f64>) {
@@ -32,10 +23,7 @@ fn measure<T>(f: impl FnOnce() -> T) -> (T, f64, Option<f64>) {
     let start = Instant::now();
     let out = f();
     let ms = start.elapsed().as_secs_f64() * 1e3;
-    let peak = match (before, status_kib("VmHWM:")) {
-        (Some(before), Some(peak)) => Some(peak.saturating_sub(before) as f64 / 1024.0),
-        _ => None,
-    };
+    let peak = peak_mib(before);
     (out, ms, peak)
 }
 
