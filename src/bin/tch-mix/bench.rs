@@ -1,14 +1,22 @@
 //! `tch-mix bench`: median latency of forward, importance and both in one call, eval, no grad.
+//!
+//! With `--weights`, `--input` and `--expect` (files that scripts/export_peers.py writes), tch-mix
+//! runs with the same weights on the same batch as the peers of scripts/bench, and its outputs are
+//! checked against swak's before anything is timed.
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use tch::{nn, Device, Kind, Tensor};
 use tch_mix::fixture::kind_from_name;
 use tch_mix::{
-    AttentionConfig, CrossAttentionMixer, GlobalWeightsMixer, InstanceWeightsMixer, Mixer,
-    SelfAttentionMixer,
+    load_var_store, AttentionConfig, CrossAttentionMixer, GlobalWeightsMixer, InstanceWeightsMixer,
+    Mixer, SelfAttentionMixer, StateDict,
 };
+
+/// Largest `max |ours - swak| / max |swak|` that `--expect` accepts (f32 sums in another order).
+const TOLERANCE: f64 = 1e-4;
 
 struct Options {
     mixer: String,
@@ -20,6 +28,9 @@ struct Options {
     device: Device,
     reps: usize,
     threads: Option<i32>,
+    weights: Option<PathBuf>,
+    input: Option<PathBuf>,
+    expect: Option<PathBuf>,
 }
 
 fn parse(args: &[String]) -> Result<Options> {
@@ -33,6 +44,9 @@ fn parse(args: &[String]) -> Result<Options> {
         device: Device::Cpu,
         reps: 20,
         threads: None,
+        weights: None,
+        input: None,
+        expect: None,
     };
     let mut args = args.iter();
     while let Some(flag) = args.next() {
@@ -49,6 +63,9 @@ fn parse(args: &[String]) -> Result<Options> {
             "--device" => options.device = crate::parse_device(value)?,
             "--reps" => options.reps = number()?.max(1) as usize,
             "--threads" => options.threads = Some(number()? as i32),
+            "--weights" => options.weights = Some(value.into()),
+            "--input" => options.input = Some(value.into()),
+            "--expect" => options.expect = Some(value.into()),
             other => bail!("bench: unknown option {other}"),
         }
     }
@@ -68,6 +85,28 @@ fn build(options: &Options, path: &nn::Path) -> Result<Box<dyn Mixer>> {
         "self" => Box::new(SelfAttentionMixer::new(path, d, attention)?),
         other => bail!("--mixer: expected global, instance, cross or self, got {other:?}"),
     })
+}
+
+/// The tensor `name` of a safetensors file, on `device` in `kind`.
+fn read_tensor(path: &std::path::Path, name: &str, kind: Kind, device: Device) -> Result<Tensor> {
+    let tensors =
+        Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, tensor) = tensors
+        .into_iter()
+        .find(|(key, _)| key == name)
+        .with_context(|| format!("{} has no tensor {name:?}", path.display()))?;
+    Ok(tensor.f_to_device(device)?.f_to_kind(kind)?)
+}
+
+/// `max |ours - expected| / max |expected|`, after checking that the shapes agree.
+fn relative_error(what: &str, ours: &Tensor, expected: &Tensor) -> Result<f64> {
+    if ours.size() != expected.size() {
+        bail!("{what}: shape {:?}, swak's is {:?}", ours.size(), expected.size());
+    }
+    let expected = expected.f_to_kind(Kind::Double)?;
+    let diff = ours.f_to_kind(Kind::Double)?.f_sub(&expected)?.f_abs()?.f_max()?.double_value(&[]);
+    let scale = expected.f_abs()?.f_max()?.double_value(&[]).max(f64::MIN_POSITIVE);
+    Ok(diff / scale)
 }
 
 /// The median wall time of `reps` calls in milliseconds, after warm-up, device-synchronised.
@@ -132,10 +171,44 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut vs = nn::VarStore::new(options.device);
     vs.set_kind(kind);
     let mixer = build(&options, &vs.root())?;
+    if let Some(weights) = &options.weights {
+        let state = StateDict::from_file(weights)
+            .with_context(|| format!("--weights {}", weights.display()))?;
+        load_var_store(&vs, &state).with_context(|| format!("--weights {}", weights.display()))?;
+    }
     let shape = [options.batch, options.n_features, options.mod_dim];
-    let inp = Tensor::f_randn(shape, (kind, options.device))?;
+    let inp = match &options.input {
+        Some(path) => read_tensor(path, "input", kind, options.device)?,
+        None => Tensor::f_randn(shape, (kind, options.device))?,
+    };
+    if inp.size() != shape {
+        bail!("--input: shape {:?}, expected {shape:?}", inp.size());
+    }
     let reps = options.reps;
     let _guard = tch::no_grad_guard();
+    // Checked once before timing, so that nothing times a wrong result.
+    let mut errors = String::new();
+    if let Some(path) = &options.expect {
+        let forward = mixer.f_forward_t(&inp, None, false)?;
+        let importance = mixer.f_importance(&inp, None)?;
+        let forward_err = relative_error(
+            "forward",
+            &forward,
+            &read_tensor(path, "forward", kind, options.device)?,
+        )?;
+        let importance_err = relative_error(
+            "importance",
+            &importance,
+            &read_tensor(path, "importance", kind, options.device)?,
+        )?;
+        if forward_err > TOLERANCE || importance_err > TOLERANCE {
+            bail!(
+                "--expect {}: forward {forward_err:.2e}, importance {importance_err:.2e} from swak's (tolerance {TOLERANCE:.0e})",
+                path.display()
+            );
+        }
+        errors = format!(" forward_err={forward_err:.1e} importance_err={importance_err:.1e}");
+    }
     let forward =
         median_ms(reps, options.device, || mixer.f_forward_t(&inp, None, false).map(drop))?;
     let importance = median_ms(reps, options.device, || mixer.f_importance(&inp, None).map(drop))?;
@@ -167,7 +240,7 @@ pub fn run(args: &[String]) -> Result<()> {
         other => format!("{other:?}"),
     };
     println!(
-        "mixer={} batch={} dtype={} device={device} forward_ms={forward:.4} importance_ms={importance:.4} both_ms={both:.4}{memory}",
+        "mixer={} batch={} dtype={} device={device} forward_ms={forward:.4} importance_ms={importance:.4} both_ms={both:.4}{memory}{errors}",
         options.mixer, options.batch, options.dtype
     );
     Ok(())
