@@ -15,18 +15,9 @@ use std::time::Instant;
 
 use tch_mix::StateDict;
 
-/// A `/proc/self/status` entry in KiB (`VmRSS`, `VmHWM`).
-fn status_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Resets the high-water mark of resident memory and returns the resident memory now, in KiB.
-fn reset_peak() -> Option<u64> {
-    std::fs::write("/proc/self/clear_refs", "5").ok()?;
-    status_kib("VmRSS:")
-}
+#[path = "common/memory.rs"]
+mod memory;
+use memory::{peak_mib, reset_peak};
 
 fn main() {
     for path in std::env::args().skip(1) {
@@ -34,12 +25,7 @@ fn main() {
         let start = Instant::now();
         let result = StateDict::from_file(&path);
         let ms = start.elapsed().as_secs_f64() * 1e3;
-        let peak = match (before, status_kib("VmHWM:")) {
-            (Some(before), Some(peak)) => {
-                format!(", peak +{:.1} MiB", peak.saturating_sub(before) as f64 / 1024.0)
-            }
-            _ => String::new(),
-        };
+        let peak = peak_mib(before).map_or(String::new(), |mib| format!(", peak +{mib:.1} MiB"));
         match result {
             Ok(state) => {
                 let elements: usize = state.iter().map(|(_, t)| t.numel()).sum();

@@ -36,13 +36,9 @@ from swak.pt.mix import (
     SelfAttentionMixer,
 )
 
+from save_swak import MIXERS, mixer_metadata
+
 FORMAT = "tch-mix-fixture/1"
-MIXERS = {
-    GlobalWeightsMixer: "global",
-    InstanceWeightsMixer: "instance",
-    CrossAttentionMixer: "cross",
-    SelfAttentionMixer: "self",
-}
 DTYPES = {
     torch.float64: "float64",
     torch.float32: "float32",
@@ -52,26 +48,15 @@ DTYPES = {
 
 
 def metadata(mixer) -> dict[str, str]:
-    """The fixture's ``__metadata__`` describing a swak mixer."""
-    name = MIXERS[type(mixer)]
-    meta = {
+    """The fixture's ``__metadata__`` describing a swak mixer: its hyper-parameters as
+    ``save_swak.mixer_metadata`` writes them, the format, the dtype and the versions."""
+    return {
         "format": FORMAT,
-        "mixer": name,
-        "mod_dim": str(mixer.mod_dim),
-        "dropout": str(float(mixer.dropout)),
-        "skip": str(bool(mixer.skip)).lower(),
-        "keep_dim": str(bool(mixer.keep_dim)).lower(),
+        **mixer_metadata(mixer),
         "dtype": DTYPES[mixer.dtype],
         "torch_version": torch.__version__,
         "swak_version": importlib.metadata.version("swak"),
     }
-    if name in ("global", "instance"):
-        meta["n_features"] = str(mixer.n_features)
-    if name != "global":
-        meta["bias"] = str(bool(mixer.bias)).lower()
-    if name in ("cross", "self"):
-        meta["n_heads"] = str(mixer.n_heads)
-    return meta
 
 
 def export_fixture(mixer, inp, path, mask=None, gradients=True, seed=0):

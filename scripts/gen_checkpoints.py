@@ -9,6 +9,16 @@
 - whole-module.pt: ``torch.save(model)``, a pickled module rather than a state dict (to be refused).
 - evil.pt: a pickle that would call ``os.system`` (to be refused, never run).
 - legacy.pt: the pre-zip ``torch.save`` format.
+- checkpoint.pt: what swak's ``Checkpoint.save`` writes (epoch, loss, the float32 model's state
+  dict under ``model``, an Adam optimizer's state after one step, a StepLR scheduler's state);
+  checkpoint-meta.pt the same with the model's mixer metadata added by scripts/save_swak.py.
+- saved-swak.{pt,safetensors}: the float32 model saved by scripts/save_swak.py (with metadata).
+- model-saver.pt: swak's ``ModelSaver`` (a whole pickled module, to be refused).
+- ordered-dict.pt: ``torch.save`` of an OrderedDict of 40 small tensors (every dtype tch-mix
+  writes, 0-d to 4-d, empty ones; values ``arange``), whose data.pkl tch-mix's writer must
+  reproduce byte for byte.
+
+Files are only added at the end, so the random draws of the earlier ones stay as they were.
 """
 import argparse
 import os
@@ -16,9 +26,22 @@ import pathlib
 import pickle
 import zipfile
 
+import collections
+import sys
+
 import torch
 from safetensors.torch import save_file
+from swak.pt.io import ModelSaver
 from swak.pt.mix import InstanceWeightsMixer
+from swak.pt.train import Checkpoint
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from save_swak import add_metadata, save  # noqa: E402
+
+# The tensors of ordered-dict.pt, rebuilt by tests/saving.rs: key t<i>, dtype and shape cycling.
+ORDERED_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64,
+                  torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
+ORDERED_SHAPES = [(), (0,), (3,), (2, 3), (2, 0, 3), (1, 2, 1, 2), (300,)]
 
 
 class Model(torch.nn.Module):
@@ -55,6 +78,33 @@ def main():
         archive.writestr("evil/data.pkl", pickle.dumps(Evil(), protocol=2))
         archive.writestr("evil/byteorder", "little")
     torch.save(views, out / "legacy.pt", _use_new_zipfile_serialization=False)
+
+    # A training checkpoint as swak writes it, after one Adam step.
+    model = Model(torch.float32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    model.head(model.mix(torch.randn(2, 3, 4))).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    for name in ["checkpoint.pt", "checkpoint-meta.pt"]:
+        if (out / name).exists():
+            (out / name).unlink()
+        Checkpoint(str((out / name).resolve()), storage="file").save(3, 0.25, model, optimizer, scheduler)
+    add_metadata(out / "checkpoint-meta.pt", model)
+    save(model, out / "saved-swak.pt")
+    save(model, out / "saved-swak.safetensors")
+    if (out / "model-saver.pt").exists():
+        (out / "model-saver.pt").unlink()
+    ModelSaver(str((out / "model-saver.pt").resolve()))(model)
+
+    ordered = collections.OrderedDict()
+    for i in range(40):
+        dtype, shape = ORDERED_DTYPES[i % len(ORDERED_DTYPES)], ORDERED_SHAPES[i % len(ORDERED_SHAPES)]
+        numel = 1
+        for n in shape:
+            numel *= n
+        ordered[f"t{i}"] = (torch.arange(numel) % 100).to(dtype).reshape(shape)
+    torch.save(ordered, out / "ordered-dict.pt")
     print(f"wrote test checkpoints to {out}")
 
 

@@ -14,10 +14,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::checkpoint::{self, Sniffed, StateDict};
 use crate::error::{MixError, Result};
-use crate::{
-    AttentionConfig, CrossAttentionMixer, GlobalWeightsConfig, GlobalWeightsMixer,
-    InstanceWeightsConfig, InstanceWeightsMixer, Mixer, SelfAttentionMixer,
-};
+use crate::{Mixer, Spec};
 
 /// The value of the `format` metadata entry this version reads and writes.
 pub const FORMAT: &str = "tch-mix-fixture/1";
@@ -266,36 +263,9 @@ impl Fixture {
     /// make this allocate more than its own weights.
     pub fn build(&self, path: &nn::Path) -> Result<Box<dyn Mixer>> {
         self.check_state()?;
-        let mixer = self.meta("mixer")?;
-        let mod_dim = self.parse("mod_dim")?;
-        let (dropout, skip, keep_dim) =
-            (self.parse("dropout")?, self.parse("skip")?, self.parse("keep_dim")?);
-        Ok(match mixer {
-            "global" => {
-                let config = GlobalWeightsConfig { dropout, skip, keep_dim };
-                Box::new(GlobalWeightsMixer::new(path, mod_dim, self.parse("n_features")?, config)?)
-            }
-            "instance" => {
-                let config =
-                    InstanceWeightsConfig { bias: self.parse("bias")?, dropout, skip, keep_dim };
-                Box::new(InstanceWeightsMixer::new(
-                    path,
-                    mod_dim,
-                    self.parse("n_features")?,
-                    config,
-                )?)
-            }
-            "cross" | "self" => {
-                let n_heads = self.parse("n_heads")?;
-                let bias = self.parse("bias")?;
-                let config = AttentionConfig { n_heads, bias, dropout, skip, keep_dim };
-                match mixer {
-                    "cross" => Box::new(CrossAttentionMixer::new(path, mod_dim, config)?),
-                    _ => Box::new(SelfAttentionMixer::new(path, mod_dim, config)?),
-                }
-            }
-            other => return Err(self.error(format!("unknown mixer {other:?}"))),
-        })
+        let spec = Spec::from_metadata(|key| self.metadata.get(key).cloned())
+            .map_err(|e| self.error(e.to_string()))?;
+        spec.build(path)
     }
 
     /// Builds the mixer on `device`, loads `state.*` strictly, runs forward (eval) and importance

@@ -28,6 +28,23 @@
 //! let (mixed, importance) = tch::no_grad(|| mix.f_forward_and_importance_t(&inp, None, false))?;
 //! # Ok::<(), tch_mix::MixError>(())
 //! ```
+//!
+//! Weights go back to PyTorch the same way, with the mixer's hyper-parameters as metadata, which
+//! loading checks ([`StateDict::save`], [`Mixer::save_file`], [`Mixer::load_file`]):
+//!
+//! ```no_run
+//! # use tch::{nn, Device};
+//! # use tch_mix::{InstanceWeightsMixer, Mixer, StateDict};
+//! # let vs = nn::VarStore::new(Device::Cpu);
+//! # let mix = InstanceWeightsMixer::new(&(vs.root() / "mix"), 16, 4, Default::default())?;
+//! // `torch.load("model.pt", weights_only=True)` reads it; swak's `load_state_dict` takes it.
+//! let mut state = StateDict::from_var_store(&vs, "");
+//! state.set_spec("mix", &mix.spec());
+//! state.save("model.pt")?;
+//! // A swak Checkpoint gives its `model`; a mixer of other hyper-parameters is refused.
+//! mix.load_file("checkpoint.pt".as_ref(), "mix")?;
+//! # Ok::<(), tch_mix::MixError>(())
+//! ```
 
 mod attention;
 pub mod checkpoint;
@@ -41,12 +58,13 @@ mod kernels;
 mod mixer;
 #[allow(unsafe_code)] // reading libtorch's grad mode
 mod mode;
+mod save;
 mod self_attention;
 mod shared;
 mod spec;
 
 pub use attention::{AttentionConfig, MultiheadAttention};
-pub use checkpoint::{load_var_store, StateDict};
+pub use checkpoint::{load_var_store, StateDict, METADATA_ENTRY, METADATA_PREFIX};
 pub use cross::CrossAttentionMixer;
 pub use error::{MixError, Result, ShapeMismatch};
 pub use global::{GlobalWeightsConfig, GlobalWeightsMixer};

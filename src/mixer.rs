@@ -101,9 +101,33 @@ pub trait Mixer: std::fmt::Debug + Send {
     /// `load_state_dict(strict=True)`: `state`'s keys must be exactly [`Mixer::variables`]' keys,
     /// with the same shapes; values are converted to the mixer's dtype and device. For a mixer
     /// inside a bigger model, pass `state.sub("mix")`.
+    ///
+    /// Where the state's metadata describes a mixer at its root ([`StateDict::spec`], as in
+    /// files that tch-mix or `scripts/save_swak.py` wrote), that mixer must be of this one's
+    /// class and hyper-parameters (dropout aside): else an error names both, and nothing is
+    /// copied. A state without that metadata loads on keys and shapes alone.
     fn load_state(&self, state: &StateDict) -> Result<()> {
+        if let Some(saved) = state.spec("")? {
+            self.spec().check_fits(&saved)?;
+        }
         let targets = self.variables().into_iter().map(|(key, t)| (key.to_string(), t)).collect();
         checkpoint::copy_strict(targets, state)
+    }
+
+    /// Reads the mixer's weights from a file ([`StateDict::from_file`]: safetensors, a
+    /// `torch.save` state dict, or a checkpoint's `model`) where they lie under `prefix` (`mix`
+    /// for `mix.coeffs`, ...; empty for none), and loads them with [`Mixer::load_state`],
+    /// checking the hyper-parameters that the file carries for that prefix.
+    fn load_file(&self, path: &std::path::Path, prefix: &str) -> Result<()> {
+        self.load_state(&StateDict::from_file(path)?.sub(prefix))
+    }
+
+    /// Saves the mixer's weights under `prefix` (`mix` gives `mix.coeffs`, ...; empty for none)
+    /// with its class and hyper-parameters as metadata: [`StateDict::from_mixer`] then
+    /// [`StateDict::save`] (safetensors for `.safetensors`, `torch.save`'s format for `.pt` and
+    /// `.pth`, written atomically).
+    fn save_file(&self, path: &std::path::Path, prefix: &str) -> Result<()> {
+        StateDict::from_mixer(self, prefix).save(path)
     }
 }
 

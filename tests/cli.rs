@@ -1,5 +1,5 @@
 //! The `tch-mix` command line: `check` exit codes, error rows and `--out`; `bench`'s last line and
-//! its check of given weights and input against expected outputs.
+//! its check of given weights and input against expected outputs; `convert`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -84,6 +84,78 @@ fn bench_ends_with_a_machine_readable_line() {
         "4",
     ]);
     assert_eq!(code, 2, "{stderr}");
+}
+
+fn data(name: &str) -> String {
+    format!("{}/tests/data/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn convert_turns_a_swak_checkpoint_into_the_safetensors_a_service_ships() {
+    let dir = scratch("convert");
+    let out = dir.join("model.safetensors");
+    let (code, stdout, stderr) =
+        tch_mix(&["convert", &data("checkpoint-meta.pt"), out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("4 tensors") && stdout.contains("metadata of instance at mix"),
+        "{stdout}"
+    );
+    let shipped = tch_mix::StateDict::from_file(&out).unwrap();
+    let model = tch_mix::StateDict::from_file_key(data("checkpoint-meta.pt"), "model").unwrap();
+    for (key, t) in model.iter() {
+        assert!(t.equal(shipped.get(key).unwrap()), "{key}");
+    }
+    assert_eq!(shipped.metadata(), model.metadata());
+    // One sub-module, its prefix stripped and its metadata with it, in bfloat16, as a .pt.
+    let out = dir.join("mix.pt");
+    let args = ["--prefix", "mix", "--dtype", "bfloat16"];
+    let (code, _, stderr) = tch_mix(
+        &[&["convert", &data("checkpoint-meta.pt"), out.to_str().unwrap()], &args[..]].concat(),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let mix = tch_mix::StateDict::from_file(&out).unwrap();
+    assert_eq!(mix.keys().collect::<Vec<_>>(), ["project.weight", "project.bias"]);
+    assert_eq!(mix.get("project.weight").unwrap().kind(), tch::Kind::BFloat16);
+    assert_eq!(mix.spec("").unwrap().unwrap().name(), "instance");
+    // Another entry of the checkpoint.
+    let out = dir.join("adam.pt");
+    let args =
+        ["convert", &data("checkpoint.pt"), out.to_str().unwrap(), "--key", "optimizer.state.0"];
+    assert_eq!(tch_mix(&args).0, 0);
+    let adam = tch_mix::StateDict::from_file(&out).unwrap();
+    assert_eq!(adam.keys().collect::<Vec<_>>(), ["step", "exp_avg", "exp_avg_sq"]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn convert_fails_clearly_and_leaves_no_output() {
+    let dir = scratch("convert-fail");
+    let out = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let cases: [(Vec<String>, &str); 7] = [
+        (vec![data("checkpoint.pt"), out("a.bin")], "unknown extension"),
+        (
+            vec![data("checkpoint.pt"), out("a.pt"), "--key".into(), "modle".into()],
+            "no entry \"modle\"",
+        ),
+        (vec![data("checkpoint.pt"), out("a.pt"), "--prefix".into(), "foo".into()], "no key of"),
+        (vec![data("whole-module.pt"), out("a.pt")], "save its state_dict() instead"),
+        (
+            vec![data("checkpoint.pt"), out("a.pt"), "--dtype".into(), "int8".into()],
+            "--dtype: expected",
+        ),
+        (vec![data("checkpoint.pt")], "convert takes two paths"),
+        (vec![data("absent.pt"), out("a.pt")], "absent.pt"),
+    ];
+    for (args, expected) in cases {
+        let args: Vec<&str> =
+            std::iter::once("convert").chain(args.iter().map(String::as_str)).collect();
+        let (code, _, stderr) = tch_mix(&args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "no output, no temporary file");
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! A mutation fuzzer for the readers of untrusted files, in plain Rust (no nightly toolchain for
-//! `cargo fuzz` here): `StateDict::from_file` on safetensors and `torch.save` files, and
-//! `Fixture::read` + `check` on fixtures. Every input must give `Ok` or `Err`: no panic, no
+//! `cargo fuzz` here): `StateDict::from_file` on safetensors and `torch.save` files (and
+//! `StateDict::from_file_key` into a checkpoint's optimizer state), and `Fixture::read` +
+//! `check` on fixtures. Every input must give `Ok` or `Err`: no panic, no
 //! abort, no stack overflow (loads run on a 2 MiB stack), and no load slower than 5 s.
 //!
 //! Seeds are the files `scripts/gen_checkpoints.py` and `scripts/gen_fixtures.py` wrote with the
@@ -285,12 +286,13 @@ struct Seeds {
 
 fn seeds() -> Seeds {
     let read = |p: PathBuf| std::fs::read(p).unwrap();
-    let safetensors = ["model-float32", "model-bfloat16", "views"]
+    let safetensors = ["model-float32", "model-bfloat16", "views", "saved-swak"]
         .map(|n| read(data(&format!("{n}.safetensors"))))
         .to_vec();
-    let mut torch: Vec<Vec<u8>> = ["model-float32", "model-bfloat16", "views", "whole-module"]
-        .map(|n| read(data(&format!("{n}.pt"))))
-        .to_vec();
+    let mut torch: Vec<Vec<u8>> =
+        ["model-float32", "model-bfloat16", "views", "whole-module", "checkpoint-meta"]
+            .map(|n| read(data(&format!("{n}.pt"))))
+            .to_vec();
     // Built here: a shared storage viewed with an offset, a transpose and stride 0.
     let views = [
         TensorDef::float("a", "0", &[2, 3]),
@@ -345,7 +347,11 @@ enum Outcome {
 
 fn run(format: Format, path: &Path) -> Outcome {
     let result = catch_unwind(AssertUnwindSafe(|| match format {
-        Format::Safetensors | Format::Torch => StateDict::from_file(path).map(|_| ()),
+        Format::Safetensors => StateDict::from_file(path).map(|_| ()),
+        Format::Torch => {
+            let nested = StateDict::from_file_key(path, "optimizer.state.0").map(|_| ());
+            StateDict::from_file(path).map(|_| ()).and(nested)
+        }
         Format::Fixture => Fixture::read(path).and_then(|f| f.check(Device::Cpu)).map(|_| ()),
     }));
     match result {

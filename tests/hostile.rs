@@ -174,6 +174,60 @@ fn many_setitems_keys_are_linear() {
 }
 
 #[test]
+fn a_key_missing_from_a_million_entries_is_told_in_a_few_words() {
+    let mut p = many_keys(1_000_000, b"N");
+    let path = write("keys", "keys-lookup.pt", &torch_zip(&p.stop(), &[]));
+    let start = std::time::Instant::now();
+    let message = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || StateDict::from_file_key(path, "absent.deeper"))
+        .unwrap()
+        .join()
+        .expect("the load panicked or overflowed its stack")
+        .unwrap_err()
+        .to_string();
+    assert!(start.elapsed().as_secs() < 5, "{:?}", start.elapsed());
+    assert_contains(
+        &message,
+        "no entry \"absent\" in the pickled object (its entries: \"k0\": None",
+    );
+    assert_contains(&message, "\"k19\": None, ...)");
+    assert!(message.len() < 1000, "{} bytes", message.len());
+}
+
+#[test]
+fn the_metadata_entry_must_be_a_small_json_object_of_strings() {
+    let (w, storage) = one_tensor();
+    let with_entry = |json: &[u8]| {
+        zip(&[
+            Entry::stored("archive/data.pkl", &state_dict_pickle(std::slice::from_ref(&w))),
+            Entry::stored("archive/byteorder", b"little"),
+            Entry::stored("archive/data/0", &storage),
+            Entry::stored("archive/tch_mix.json", json),
+        ])
+    };
+    let fine = load(&write("meta", "meta-ok.pt", &with_entry(b"{\"tch_mix.mixer\": \"self\"}")));
+    assert_eq!(fine.unwrap().metadata().get("tch_mix.mixer").unwrap(), "self");
+    let huge = format!("{{\"k\": \"{}\"}}", "x".repeat(1 << 20));
+    let cases: [(&str, &[u8], &str); 6] = [
+        ("nested", b"{\"k\": {\"a\": \"b\"}}", "not a JSON object of strings"),
+        ("number", b"{\"k\": 1}", "not a JSON object of strings"),
+        ("list", b"[\"k\"]", "not a JSON object of strings"),
+        ("not-utf8", b"{\"k\": \"\xff\"}", "not a JSON object of strings"),
+        (
+            "tensors",
+            b"{}, \"t\": {\"dtype\": \"F32\", \"shape\": [0], \"data_offsets\": [0, 0]}",
+            "not a JSON object of strings",
+        ),
+        ("huge", huge.as_bytes(), "archive/tch_mix.json is larger than 65536 bytes"),
+    ];
+    for (name, json, expected) in cases {
+        let message = refused("meta", &format!("meta-{name}.pt"), &with_entry(json));
+        assert_contains(&message, expected);
+    }
+}
+
+#[test]
 fn stride_zero_views_stay_views() {
     // One stored float viewed as 4 tensors of 2^28 elements (4 GiB if made contiguous).
     let huge = |key: &str| TensorDef {

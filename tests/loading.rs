@@ -205,3 +205,117 @@ fn storages_larger_than_the_read_window_and_views_across_it_are_read_whole() {
     assert_eq!(tail, (0..1000).map(|i| (123_457 + 7 * i) as f32).collect::<Vec<_>>());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_swak_checkpoint_gives_its_model_by_default() {
+    // checkpoint.pt: swak's Checkpoint.save(3, 0.25, model, adam, step_lr); saved-swak.pt: the
+    // same model's state dict (scripts/gen_checkpoints.py).
+    let expected = StateDict::from_file(data("saved-swak.pt")).unwrap();
+    for state in [
+        StateDict::from_file(data("checkpoint.pt")).unwrap(),
+        StateDict::from_file_key(data("checkpoint.pt"), "model").unwrap(),
+    ] {
+        let keys: Vec<&str> = state.keys().collect();
+        assert_eq!(keys, ["mix.project.weight", "mix.project.bias", "head.weight", "head.bias"]);
+        for (key, t) in state.iter() {
+            assert!(t.equal(expected.get(key).unwrap()), "{key}");
+        }
+        assert!(state.metadata().is_empty());
+    }
+    let vs = nn::VarStore::new(Device::Cpu);
+    instance_mixer(&vs).load_file("tests/data/checkpoint.pt".as_ref(), "mix").unwrap();
+}
+
+#[test]
+fn any_state_dict_of_a_checkpoint_is_reached_by_its_key_path() {
+    let adam = StateDict::from_file_key(data("checkpoint.pt"), "optimizer.state.0").unwrap();
+    assert_eq!(adam.keys().collect::<Vec<_>>(), ["step", "exp_avg", "exp_avg_sq"]);
+    assert_eq!(adam.get("exp_avg").unwrap().size(), [3, 12]);
+    assert_eq!(adam.get("step").unwrap().size(), Vec::<i64>::new());
+}
+
+fn key_error(path: &str, key: &str) -> String {
+    match StateDict::from_file_key(data(path), key) {
+        Err(err @ MixError::Format { .. }) => err.to_string(),
+        other => panic!("{path} {key:?}: expected a format error, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_missing_entry_lists_the_ones_there_are() {
+    let message = key_error("checkpoint.pt", "modle");
+    assert!(
+        message.contains(
+            "no entry \"modle\" in the pickled object (its entries: \"epoch\": int, \"loss\": \
+             float, \"model\": dict, \"optimizer\": dict, \"scheduler\": dict)"
+        ),
+        "{message}"
+    );
+    let message = key_error("checkpoint.pt", "optimizer.states.0");
+    assert!(
+        message.contains(
+            "no entry \"states\" in entry \"optimizer\" (its entries: \"state\": \
+                          dict, \"param_groups\": list)"
+        ),
+        "{message}"
+    );
+    let message = key_error("checkpoint.pt", "optimizer.state.7");
+    assert!(message.contains("no entry \"7\" in entry \"optimizer.state\" (its entries: 0: dict, 1: dict, 2: dict, 3: dict)"), "{message}");
+    let message = key_error("checkpoint.pt", "epoch");
+    assert!(message.contains("entry \"epoch\" is an int, not a state dict"), "{message}");
+    let message = key_error("checkpoint.pt", "optimizer");
+    assert!(
+        message.contains(
+            "entry \"optimizer\" is not a state dict: \"state\" holds a dict, not a tensor"
+        ),
+        "{message}"
+    );
+    let message = key_error("checkpoint.pt", "");
+    assert!(
+        message.contains("the pickled object is not a state dict: \"epoch\" holds an int"),
+        "{message}"
+    );
+    let message = key_error("model-float32.safetensors", "model");
+    assert!(message.contains("a safetensors file holds one flat state dict"), "{message}");
+}
+
+#[test]
+fn whole_pickled_modules_are_refused_with_a_hint_to_save_the_state_dict() {
+    for name in ["whole-module.pt", "model-saver.pt"] {
+        let message = format_error(data(name));
+        assert!(message.contains("refusing global"), "{message}");
+        assert!(message.contains("save its state_dict() instead"), "{message}");
+    }
+}
+
+#[test]
+fn python_saved_metadata_is_read_and_checked() {
+    // scripts/save_swak.py: safetensors __metadata__, the .pt's tch_mix.json entry, and the same
+    // entry appended to a swak Checkpoint.
+    let expected =
+        InstanceWeightsMixer::new(&nn::VarStore::new(Device::Cpu).root(), 4, 3, Default::default())
+            .unwrap()
+            .spec();
+    for name in ["saved-swak.pt", "saved-swak.safetensors", "checkpoint-meta.pt"] {
+        let state = StateDict::from_file(data(name)).unwrap();
+        assert_eq!(state.spec("mix").unwrap(), Some(expected), "{name}");
+        let vs = nn::VarStore::new(Device::Cpu);
+        instance_mixer(&vs).load_file(&data(name), "mix").unwrap();
+        let no_skip = tch_mix::InstanceWeightsConfig { skip: false, ..Default::default() };
+        let other = InstanceWeightsMixer::new(&vs.root(), 4, 3, no_skip).unwrap();
+        let message = other.load_file(&data(name), "mix").unwrap_err().to_string();
+        assert!(
+            message.contains("saved from instance(") && message.contains("skip=true"),
+            "{message}"
+        );
+        assert!(
+            message.contains("loaded into instance(") && message.contains("skip=false"),
+            "{message}"
+        );
+    }
+    // The metadata describes the checkpoint's model: it comes with `model`, not other entries.
+    let model = StateDict::from_file_key(data("checkpoint-meta.pt"), "model").unwrap();
+    assert_eq!(model.spec("mix").unwrap(), Some(expected));
+    let adam = StateDict::from_file_key(data("checkpoint-meta.pt"), "optimizer.state.0").unwrap();
+    assert!(adam.metadata().is_empty());
+}

@@ -58,7 +58,7 @@ pub(crate) fn cross(
         let weights = views.write::<T>(&mut weights)?;
         let pooled = pooled.as_mut().map(|p| views.write::<T>(p)).transpose()?;
         let job = Cross { shape, heads, x, u, m, finite: AtomicBool::new(true) };
-        let per = team::part_size(shape.n);
+        let per = team::part_size(shape.n, shape.f * shape.d * (2 * heads + 1));
         let weight_parts = split_planes(weights, 1, shape.n, heads * shape.f, per);
         let pooled_parts = match pooled {
             Some(pooled) => split_planes(pooled, heads + 1, shape.n, shape.d, per),

@@ -43,7 +43,7 @@ pub(crate) fn instance(
         let mixed = views.write::<T>(&mut mixed)?;
         let importance = views.write::<T>(&mut importance)?;
         let job = Instance { shape, x, w, b, fold };
-        let per = team::part_size(shape.n);
+        let per = team::part_size(shape.n, shape.f * shape.f * shape.d);
         let mixed = split_planes(mixed, 1, shape.n, shape.d, per);
         let importance = split_planes(importance, 1, shape.n, shape.f, per);
         let parts = mixed.into_iter().zip(importance).map(|(m, mut i)| (m, i.remove(0)));

@@ -39,7 +39,8 @@ pub(crate) fn self_weights(
         let m = mask.as_ref().map(|m| views.read::<T>(m)).transpose()?;
         let weights = views.write::<T>(&mut weights)?;
         let job = SelfWeights { shape, heads, qk, scale: T::from_f64(scale), m };
-        let per = team::part_size(shape.n);
+        let per =
+            team::part_size(shape.n, heads * shape.f * (shape.f * (shape.d / heads) + shape.f));
         let parts = split_planes(weights, 1, shape.n, heads * shape.f, per);
         let parts = parts.into_iter().map(|mut part| part.remove(0));
         team::run(&job, team::ranges(shape.n, per).zip(parts).collect());

@@ -9,8 +9,9 @@
 use std::ops::Range;
 use std::sync::Mutex;
 
-/// Instances per thread below which the work stays on the calling thread.
-const MIN_INSTANCES_PER_THREAD: usize = 32;
+/// Multiply-adds per thread below which the work stays on the calling thread: waking a thread
+/// of the team costs a few microseconds, about as long as this much arithmetic.
+const MIN_WORK_PER_THREAD: usize = 1 << 17;
 
 /// A kernel: work over a range of instances that writes only its own part of the outputs.
 pub(crate) trait Kernel: Sync {
@@ -22,10 +23,12 @@ pub(crate) trait Kernel: Sync {
     fn run<const FMA: bool>(&self, range: Range<usize>, part: Self::Part);
 }
 
-/// The number of instances in each part of a batch of `n`: the batch splits over up to
-/// `tch::get_num_threads()` threads, each with at least [`MIN_INSTANCES_PER_THREAD`].
-pub(crate) fn part_size(n: usize) -> usize {
-    let threads = (tch::get_num_threads().max(1) as usize).min(n / MIN_INSTANCES_PER_THREAD).max(1);
+/// The number of instances in each part of a batch of `n` instances of `work` multiply-adds
+/// each: the batch splits over up to `tch::get_num_threads()` threads, each with at least
+/// [`MIN_WORK_PER_THREAD`].
+pub(crate) fn part_size(n: usize, work: usize) -> usize {
+    let most = n.saturating_mul(work.max(1)) / MIN_WORK_PER_THREAD;
+    let threads = (tch::get_num_threads().max(1) as usize).min(most).max(1);
     n.div_ceil(threads).max(1)
 }
 
@@ -193,7 +196,7 @@ mod tests {
         for n in [0, 1, 31, 64, 1000, 4097] {
             let seen = AtomicUsize::new(0);
             let mut out = vec![0; n];
-            let per = part_size(n).min(100);
+            let per = part_size(n, MIN_WORK_PER_THREAD).min(100);
             let parts = ranges(n, per).zip(out.chunks_mut(per)).collect();
             run(&Count(&seen), parts);
             assert_eq!(seen.load(Ordering::Relaxed), n);

@@ -37,7 +37,7 @@ pub(crate) fn weighted_sums(
         let (x, w) = (views.read::<T>(&x)?, views.read::<T>(&weights)?);
         let out = views.write::<T>(&mut out)?;
         let job = WeightedSums { shape, rows, x, w, shift: T::from_f64(shift), shared, mean };
-        let per = team::part_size(shape.n);
+        let per = team::part_size(shape.n, shape.f * shape.d * (rows + usize::from(mean)));
         let planes = split_planes(out, rows + usize::from(mean), shape.n, shape.d, per);
         team::run(&job, team::ranges(shape.n, per).zip(planes).collect());
     });

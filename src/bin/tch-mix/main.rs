@@ -1,7 +1,9 @@
-//! `tch-mix`: parity checks of swak fixtures and benchmarks, on top of the tch-mix library.
+//! `tch-mix`: parity checks of swak fixtures, weight-file conversion and benchmarks, on top of
+//! the tch-mix library.
 //!
 //! ```text
 //! tch-mix check [--device cpu|cuda[:N]] [--out DIR] FIXTURE_OR_DIR...
+//! tch-mix convert IN OUT [--key K] [--prefix P] [--dtype T]
 //! tch-mix bench --mixer M --mod-dim D --n-features F [--n-heads H] --batch B --dtype T
 //!               [--device cpu|cuda[:N]] [--reps R] [--threads N]
 //! ```
@@ -11,7 +13,8 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
 use tch::Device;
-use tch_mix::fixture::Fixture;
+use tch_mix::fixture::{kind_from_name, Fixture};
+use tch_mix::StateDict;
 
 mod bench;
 
@@ -20,6 +23,13 @@ const USAGE: &str = "usage:
       Checks tch-mix against tch-mix-fixture/1 files written by swak; a directory stands for the
       *.safetensors files in it. Exits 0 only if every fixture passes. --out DIR writes what
       tch-mix computed to DIR/<fixture file name>.
+  tch-mix convert IN OUT [--key K] [--prefix P] [--dtype float32|float64|bfloat16|float16]
+      Reads any weight file tch-mix reads (safetensors; a torch.save state dict, or the model of
+      a checkpoint such as swak's Checkpoint) and writes OUT, safetensors or torch.save's format
+      by its extension (.safetensors, .pt, .pth), with the metadata the file carries. --key takes
+      another entry of a checkpoint (a dotted path: model, optimizer.state.0); --prefix keeps the
+      keys of one sub-module, the prefix stripped (mix.coeffs -> coeffs); --dtype converts the
+      floating-point tensors. OUT is written atomically: on any error there is no OUT.
   tch-mix bench --mixer global|instance|cross|self --mod-dim D --n-features F [--n-heads H]
                 --batch B --dtype float32|float64|bfloat16|float16 [--device cpu|cuda[:N]]
                 [--reps R] [--threads N]
@@ -36,6 +46,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("check") => check(&args[1..]),
+        Some("convert") => convert(&args[1..]).map(|()| true),
         Some("bench") => bench::run(&args[1..]).map(|()| true),
         Some("-h" | "--help") => {
             println!("{USAGE}");
@@ -155,4 +166,73 @@ fn check_one(file: &Path, device: Device, out: Option<&Path>) -> Result<String> 
         "{:<8} {:<8} max_abs={:.2e} ({}) max_rel={:.2e} {verdict}",
         report.mixer, report.dtype, worst.max_abs, worst.name, max_rel
     ))
+}
+
+/// `tch-mix convert IN OUT [--key K] [--prefix P] [--dtype T]`.
+fn convert(args: &[String]) -> Result<()> {
+    let (mut key, mut prefix, mut kind) = (None, None, None);
+    let mut paths = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--key" => key = Some(value()?.clone()),
+            "--prefix" => prefix = Some(value()?.clone()),
+            "--dtype" => {
+                let name = value()?;
+                let parsed = kind_from_name(name).with_context(|| {
+                    format!("--dtype: expected float32, float64, bfloat16 or float16, got {name:?}")
+                })?;
+                kind = Some(parsed);
+            }
+            flag if flag.starts_with("--") => bail!("unknown option {flag}\n{USAGE}"),
+            path => paths.push(PathBuf::from(path)),
+        }
+    }
+    let [input, output] = &paths[..] else {
+        bail!("convert takes two paths, IN and OUT, got {}\n{USAGE}", paths.len());
+    };
+    let mut state = match &key {
+        Some(key) => StateDict::from_file_key(input, key)?,
+        None => StateDict::from_file(input)?,
+    };
+    if let Some(prefix) = &prefix {
+        let sub = state.sub(prefix);
+        if sub.is_empty() && !state.is_empty() {
+            let mut heads: Vec<&str> =
+                state.keys().map(|k| k.split('.').next().unwrap_or(k)).collect();
+            heads.dedup();
+            bail!(
+                "--prefix {prefix:?}: no key of {} begins with \"{prefix}.\" (the keys begin with {})",
+                input.display(),
+                heads.iter().take(20).map(|h| format!("{h:?}")).collect::<Vec<_>>().join(", ")
+            );
+        }
+        state = sub;
+    }
+    if let Some(kind) = kind {
+        state = state.to_float_kind(kind)?;
+    }
+    state.save(output)?;
+    let bytes: usize = state.iter().map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum();
+    let mixers: Vec<String> = state
+        .metadata()
+        .iter()
+        .filter_map(|(key, class)| {
+            let at = key.strip_prefix("tch_mix")?.strip_suffix("mixer")?.trim_matches('.');
+            Some(if at.is_empty() { class.clone() } else { format!("{class} at {at}") })
+        })
+        .collect();
+    let described = if mixers.is_empty() {
+        "no mixer metadata".to_string()
+    } else {
+        format!("metadata of {}", mixers.join(", "))
+    };
+    println!(
+        "{} -> {}: {} tensors, {bytes} bytes, {described}",
+        input.display(),
+        output.display(),
+        state.len()
+    );
+    Ok(())
 }
