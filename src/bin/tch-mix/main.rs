@@ -32,9 +32,11 @@ const USAGE: &str = "usage:
       floating-point tensors. OUT is written atomically: on any error there is no OUT.
   tch-mix bench --mixer global|instance|cross|self --mod-dim D --n-features F [--n-heads H]
                 --batch B --dtype float32|float64|bfloat16|float16 [--device cpu|cuda[:N]]
-                [--reps R] [--threads N]
+                [--reps R] [--threads N] [--weights W --input X --expect E]
       Times forward, importance and both in one call (eval, no grad) on a (B, F, D) input:
-      the median of R calls after warm-up. The last line is machine-readable.";
+      the median of R calls after warm-up. The last line is machine-readable. With --weights,
+      --input and --expect (files that scripts/export_peers.py writes), it runs swak's weights
+      on swak's batch and checks forward and importance against swak's before timing.";
 
 #[allow(unsafe_code)] // the signal disposition, set once at start-up
 fn main() -> ExitCode {
