@@ -14,10 +14,13 @@
 //! then a machine-readable last line like `tch-mix bench`'s.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use tch::{CModule, IValue, Kind, Tensor};
+
+#[path = "../bench-peers/common/median.rs"]
+mod median;
+use median::median_ms;
 
 /// Largest `max |peer - swak| / max |swak|` accepted (f32 sums in another order).
 const TOLERANCE: f64 = 1e-4;
@@ -73,21 +76,6 @@ fn relative_error(ours: &Tensor, expected: &Tensor) -> Result<f64> {
     let diff = ours.f_to_kind(Kind::Double)?.f_sub(&expected)?.f_abs()?.f_max()?.double_value(&[]);
     let scale = expected.f_abs()?.f_max()?.double_value(&[]).max(f64::MIN_POSITIVE);
     Ok(diff / scale)
-}
-
-/// The median wall time of `reps` calls in milliseconds, after warm-up (as `tch-mix bench`).
-fn median_ms(reps: usize, mut call: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..reps.clamp(2, 5) {
-        call()?;
-    }
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let start = Instant::now();
-        call()?;
-        times.push(start.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
 }
 
 fn run(module: &CModule, inp: &Tensor) -> Result<Tensor> {

@@ -20,7 +20,6 @@
 //! per graph, then a machine-readable last line like `tch-mix bench`'s.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use ort::environment::{Environment, GlobalThreadPoolOptions};
@@ -28,6 +27,10 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::Tensor;
 use safetensors::SafeTensors;
+
+#[path = "../../common/median.rs"]
+mod median;
+use median::median_ms;
 
 /// Largest `max |peer - swak| / max |swak|` accepted (f32 sums in another order).
 const TOLERANCE: f64 = 1e-4;
@@ -103,21 +106,6 @@ fn relative_error(ours: (&[i64], &[f32]), expected: &(Vec<i64>, Vec<f32>)) -> Re
         .fold(0.0, f64::max);
     let scale = expected.1.iter().map(|b| (*b as f64).abs()).fold(f64::MIN_POSITIVE, f64::max);
     Ok(diff / scale)
-}
-
-/// The median wall time of `reps` calls in milliseconds, after warm-up (as `tch-mix bench`).
-fn median_ms(reps: usize, mut call: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..reps.clamp(2, 5) {
-        call()?;
-    }
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let start = Instant::now();
-        call()?;
-        times.push(start.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
 }
 
 /// A session on the environment's global thread pool, or with a pool of its own.
