@@ -11,7 +11,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::attention::{self, Attend, AttentionConfig, AttentionCore, Derived, KeyWeights};
+use crate::attention::{self, Attend, AttentionConfig, AttentionCore, Derived, KeyWeights, Packed};
 use crate::error::Result;
 use crate::kernels::{self, Scratch};
 use crate::spec::Spec;
@@ -59,6 +59,8 @@ impl Attend for CrossAttentionMixer {
 
     const CHUNK_WIDTH: i64 = 1;
 
+    const PROJECTS_QUERIES_KEYS: bool = false;
+
     fn query(n: i64, d: i64, kind: Kind, device: Device) -> Result<Option<Tensor>> {
         Ok(Some(Tensor::f_ones([1, d], (kind, device))?.f_expand([n, 1, d], false)?))
     }
@@ -103,6 +105,7 @@ impl Attend for CrossAttentionMixer {
     fn kernel(
         _: &MultiheadAttention,
         derived: &Derived,
+        _: Option<&Packed>,
         inp: &Tensor,
         mask: Option<&Tensor>,
         output: bool,

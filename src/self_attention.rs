@@ -7,7 +7,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::attention::{
-    self, Attend, AttentionConfig, AttentionCore, Derived, KeyWeights, LARGE_BATCH,
+    self, Attend, AttentionConfig, AttentionCore, Derived, KeyWeights, Packed, LARGE_BATCH,
 };
 use crate::error::Result;
 use crate::kernels::{self, Scratch};
@@ -57,6 +57,8 @@ impl Attend for SelfAttentionMixer {
     // stay in the cache until the weights kernel reads them.
     const CHUNK_WIDTH: i64 = 4;
 
+    const PROJECTS_QUERIES_KEYS: bool = true;
+
     fn query(_: i64, _: i64, _: Kind, _: Device) -> Result<Option<Tensor>> {
         Ok(None)
     }
@@ -90,16 +92,25 @@ impl Attend for SelfAttentionMixer {
     fn kernel(
         attention: &MultiheadAttention,
         _: &Derived,
+        packed: Option<&Packed>,
         inp: &Tensor,
         mask: Option<&Tensor>,
         output: bool,
         scratch: &mut Scratch,
     ) -> Result<Option<KeyWeights>> {
-        let (n, _, d) = inp.size3()?;
+        let (n, f, d) = inp.size3()?;
         let h = attention.n_heads();
         let scale = 1.0 / ((d / h) as f64).sqrt();
         let large = n >= LARGE_BATCH;
-        let qk = queries_keys(attention, inp, large.then_some(&mut *scratch))?;
+        let packed = packed.and_then(|packed| packed.queries_keys.as_ref());
+        let projected = match packed {
+            Some(packed) => kernels::linear(&inp.f_reshape([n * f, d])?, packed, d, None)?,
+            None => None,
+        };
+        let qk = match projected {
+            Some(qk) => qk.f_view([n, f, 2 * d])?,
+            None => queries_keys(attention, inp, large.then_some(&mut *scratch))?,
+        };
         let Some(weights) = kernels::self_weights(&qk, h, scale, mask, scratch)? else {
             return Ok(None);
         };

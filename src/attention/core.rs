@@ -5,7 +5,7 @@
 
 use tch::{nn, Device, Kind, Tensor};
 
-use super::fast::{Derived, KeyWeights, Mixed, Request};
+use super::fast::{Derived, KeyWeights, Mixed, Packed, Request};
 use super::multihead::MultiheadAttention;
 use crate::error::Result;
 use crate::kernels::Scratch;
@@ -48,6 +48,10 @@ pub(crate) trait Attend {
     /// features themselves attend.
     fn query(n: i64, d: i64, kind: Kind, device: Device) -> Result<Option<Tensor>>;
 
+    /// Whether the mixer projects its inputs into queries and keys (self-attention), which
+    /// small batches then take from packed weights (see [`super::fast::Packed`]).
+    const PROJECTS_QUERIES_KEYS: bool;
+
     /// What the scores need from the weights beyond the value projection, derived once and
     /// cached with it (see [`Derived`]).
     fn derive(attention: &MultiheadAttention) -> Result<Option<Tensor>>;
@@ -69,12 +73,14 @@ pub(crate) trait Attend {
     /// The one-pass CPU kernels for inference: the per-key weights `(N, H, F)` and, if
     /// `output`, the pooled inputs and their mean `(H + 1, N, D)`. Called only where the
     /// kernels apply to the input, mask and weights (see `kernels::applies`: CPU, f32/f64, no
-    /// autograd) and there is no dropout. `None` where the weights would differ from PyTorch's
+    /// autograd) and there is no dropout; `packed` where the batch is small enough for the
+    /// packed projections. `None` where the weights would differ from PyTorch's
     /// on this input (cross-attention's folded scores on an input with infinities): the caller
     /// then takes PyTorch's op sequence.
     fn kernel(
         attention: &MultiheadAttention,
         derived: &Derived,
+        packed: Option<&Packed>,
         inp: &Tensor,
         mask: Option<&Tensor>,
         output: bool,

@@ -59,6 +59,8 @@ struct Heads {
     importance: Option<Tensor>,
     /// The mean of the inputs over the features `(N, D)`, where the kernels pooled it.
     mean: Option<Tensor>,
+    /// The packed output projection, where the heads' output came from packed weights too.
+    packed_out: Option<Tensor>,
 }
 
 /// Per-head weights of each key and, where the kernels pooled them, the pooled inputs and
@@ -76,6 +78,8 @@ pub(crate) struct Derived {
     value_weights: Tensor,
     /// The value bias per head: `(1, H, hd)`.
     value_bias: Option<Tensor>,
+    /// The projections packed for small inference batches, once one asked for them.
+    pub(crate) packed: Option<Packed>,
 }
 
 impl Derived {
@@ -85,6 +89,55 @@ impl Derived {
             scoring: self.scoring.as_ref().map(Tensor::shallow_clone),
             value_weights: self.value_weights.shallow_clone(),
             value_bias: self.value_bias.as_ref().map(Tensor::shallow_clone),
+            packed: self.packed.as_ref().map(Packed::shallow_clone),
+        }
+    }
+}
+
+/// The projections packed for `kernels::linear`, which small inference batches (below
+/// [`LARGE_BATCH`]) take instead of MKL, whose per-call packing of the weights costs there as
+/// much as the product.
+#[derive(Debug)]
+pub(crate) struct Packed {
+    /// The query and key projections, two blocks of `D` columns, where the mixer projects its
+    /// inputs into queries and keys ([`Attend::PROJECTS_QUERIES_KEYS`]).
+    pub(crate) queries_keys: Option<Tensor>,
+    /// The value projection with its bias, one block of `D / H` columns per head.
+    value: Tensor,
+    /// The output projection with its bias, one block of `D` columns.
+    out: Tensor,
+}
+
+impl Packed {
+    /// Packs the projections of `attention`.
+    fn new<A: Attend>(attention: &MultiheadAttention) -> Result<Self> {
+        let _no_grad = tch::no_grad_guard();
+        let d = attention.embed_dim;
+        let (h, hd) = (attention.n_heads, d / attention.n_heads);
+        let (w, b) = (&attention.in_proj_weight, attention.in_proj_bias.as_ref());
+        let queries_keys = match A::PROJECTS_QUERIES_KEYS {
+            true => {
+                let w = w.f_narrow(0, 0, 2 * d)?.f_view([2, d, d])?;
+                let b = b.map(|b| b.f_narrow(0, 0, 2 * d)?.f_view([2, d])).transpose()?;
+                Some(kernels::pack(&w, b.as_ref())?)
+            }
+            false => None,
+        };
+        let w_v = w.f_narrow(0, 2 * d, d)?.f_view([h, hd, d])?;
+        let b_v = b.map(|b| b.f_narrow(0, 2 * d, d)?.f_view([h, hd])).transpose()?;
+        let w_o = attention.out_proj_weight.f_view([1, d, d])?;
+        Ok(Self {
+            queries_keys,
+            value: kernels::pack(&w_v, b_v.as_ref())?,
+            out: kernels::pack(&w_o, attention.out_proj_bias.as_ref())?,
+        })
+    }
+
+    fn shallow_clone(&self) -> Self {
+        Self {
+            queries_keys: self.queries_keys.as_ref().map(Tensor::shallow_clone),
+            value: self.value.shallow_clone(),
+            out: self.out.shallow_clone(),
         }
     }
 }
@@ -154,7 +207,7 @@ impl MultiheadAttention {
     ) -> Result<Option<Mixed>> {
         let kind = inp.kind();
         if !mode::is_half(kind) {
-            let Some(heads) = self.heads::<A>(inp, mask, request, scratch)? else {
+            let Some(heads) = self.heads::<A>(inp, mask, request, true, scratch)? else {
                 return Ok(None);
             };
             return self.project_out(heads, inp, request.skip, into).map(Some);
@@ -173,7 +226,9 @@ impl MultiheadAttention {
             n_heads: self.n_heads,
         };
         let mask = mask.map(up).transpose()?;
-        let Some(heads) = wide.heads::<A>(&up(inp)?, mask.as_ref(), request, scratch)? else {
+        // The widened copy lives for this call only: packing its weights would not pay.
+        let Some(heads) = wide.heads::<A>(&up(inp)?, mask.as_ref(), request, false, scratch)?
+        else {
             return Ok(None);
         };
         let down = |t: Option<Tensor>| t.map(|t| t.f_to_kind(kind)).transpose();
@@ -181,6 +236,7 @@ impl MultiheadAttention {
             heads: down(heads.heads)?,
             importance: down(heads.importance)?,
             mean: down(heads.mean)?,
+            packed_out: None,
         };
         self.project_out(heads, inp, request.skip, into).map(Some)
     }
@@ -195,10 +251,23 @@ impl MultiheadAttention {
         skip: bool,
         into: Option<Tensor>,
     ) -> Result<Mixed> {
-        let Heads { heads, importance, mean } = heads;
+        let Heads { heads, importance, mean, packed_out } = heads;
         let Some(heads) = heads else {
             return Ok(Mixed { mixed: None, importance });
         };
+        if let Some(packed_out) = packed_out {
+            // A small inference batch (the kernels ran): `heads W_o^T + b_o (+ mean)` in one
+            // product against the packed projection.
+            let add = mean.as_ref().filter(|_| skip);
+            let d = self.embed_dim;
+            if let Some(mixed) = kernels::linear(&heads, &packed_out, d, add)? {
+                let mixed = match into {
+                    Some(mut into) => into.f_copy_(&mixed).map(|_| into)?,
+                    None => mixed,
+                };
+                return Ok(Mixed { mixed: Some(mixed), importance });
+            }
+        }
         let (w_o, b_o) = (&self.out_proj_weight, self.out_proj_bias.as_ref());
         let mixed = match (skip, mean) {
             // Half precision keeps PyTorch's roundings: the projection, then the mean.
@@ -229,17 +298,18 @@ impl MultiheadAttention {
         Ok(Mixed { mixed: Some(mixed), importance })
     }
 
-    /// [`MultiheadAttention::pooled`] up to the output projection.
+    /// [`MultiheadAttention::pooled`] up to the output projection. Small inference batches
+    /// take the packed projections where `pack` allows packing.
     fn heads<A: Attend>(
         &self,
         inp: &Tensor,
         mask: Option<&Tensor>,
         request: Request,
+        pack: bool,
         scratch: &mut Scratch,
     ) -> Result<Option<Heads>> {
         let (n, _, d) = inp.size3()?;
         let (h, dropout) = (self.n_heads, request.dropout);
-        let derived = self.derived::<A>()?;
         let average_heads = |w: &Tensor| -> Result<Option<Tensor>> {
             Ok(match request.want.importance() {
                 true => Some(w.f_mean_dim(1, false, None::<Kind>)?),
@@ -252,9 +322,13 @@ impl MultiheadAttention {
         let output = request.want.output();
         let mut tensors = vec![inp, &self.in_proj_weight];
         tensors.extend(mask);
-        let (key_weights, pooled, importance) = match dropout == 0.0 && kernels::applies(&tensors) {
+        let kernels = dropout == 0.0 && kernels::applies(&tensors);
+        let small = pack && kernels && n < LARGE_BATCH;
+        let derived = self.derived::<A>(small)?;
+        let (key_weights, pooled, importance) = match kernels {
             true => {
-                let kernel = A::kernel(self, &derived, inp, mask, output, scratch)?;
+                let packed = derived.packed.as_ref().filter(|_| small);
+                let kernel = A::kernel(self, &derived, packed, inp, mask, output, scratch)?;
                 let Some((key_weights, pooled)) = kernel else { return Ok(None) };
                 let importance = average_heads(&key_weights)?;
                 (key_weights, pooled, importance)
@@ -272,7 +346,7 @@ impl MultiheadAttention {
             }
         };
         if !output {
-            return Ok(Some(Heads { heads: None, importance, mean: None }));
+            return Ok(Some(Heads { heads: None, importance, mean: None, packed_out: None }));
         }
         // Each head's weights sum to 1, unless a row is fully masked or dropout is active. Under
         // autograd the bias is scaled by the sum all the same, so that it has the gradient
@@ -282,6 +356,15 @@ impl MultiheadAttention {
             Some(pooled) => (pooled.f_narrow(0, 0, h)?, Some(pooled.f_get(h)?)),
             None => (key_weights.f_matmul(inp)?.f_transpose(0, 1)?, None), // (H, N, D)
         };
+        // Small inference batches (the kernels ran, the weights packed): the heads' value
+        // projections in one product against the packed weights, the output projection next.
+        let packed = derived.packed.as_ref().filter(|_| small && weights_sum_to_one);
+        if let Some(packed) = packed {
+            if let Some(heads) = kernels::linear(&pooled, &packed.value, d / h, None)? {
+                let packed_out = Some(packed.out.shallow_clone());
+                return Ok(Some(Heads { heads: Some(heads), importance, mean, packed_out }));
+            }
+        }
         // Large inference batches (the kernels ran): each head's projection is one GEMM writing
         // its columns of the output in place, with the bias added by the GEMM where it is
         // exactly `b_v`. Elsewhere one batched GEMM, the bias added afterwards.
@@ -319,13 +402,20 @@ impl MultiheadAttention {
             },
             _ => heads,
         };
-        Ok(Some(Heads { heads: Some(heads.f_reshape([n, d])?), importance, mean }))
+        let heads = Some(heads.f_reshape([n, d])?);
+        Ok(Some(Heads { heads, importance, mean, packed_out: None }))
     }
 
-    /// The tensors derived from the input projection: cached between calls without autograd
-    /// (until a weight changes), computed afresh while autograd records.
-    pub(crate) fn derived<A: Attend>(&self) -> Result<Derived> {
-        let weights = [Some(&self.in_proj_weight), self.in_proj_bias.as_ref()];
+    /// The tensors derived from the projections: cached between calls without autograd (until
+    /// a weight changes), computed afresh while autograd records. With `pack`, they include the
+    /// packed projections.
+    pub(crate) fn derived<A: Attend>(&self, pack: bool) -> Result<Derived> {
+        let weights = [
+            Some(&self.in_proj_weight),
+            self.in_proj_bias.as_ref(),
+            Some(&self.out_proj_weight),
+            self.out_proj_bias.as_ref(),
+        ];
         let key: Vec<(usize, i64, Kind)> = weights
             .into_iter()
             .flatten()
@@ -334,7 +424,9 @@ impl MultiheadAttention {
         let recording = mode::grad_mode();
         let mut cache = self.derived.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if !recording {
-            if let Some(derived) = cache.as_ref().filter(|derived| derived.key == key) {
+            let current = |derived: &&Derived| derived.key == key;
+            let cached = cache.as_ref().filter(current);
+            if let Some(derived) = cached.filter(|derived| derived.packed.is_some() || !pack) {
                 return Ok(derived.shallow_clone());
             }
         }
@@ -347,13 +439,14 @@ impl MultiheadAttention {
             None => None,
         };
         if recording {
-            return Ok(Derived { key, scoring, value_weights, value_bias });
+            return Ok(Derived { key, scoring, value_weights, value_bias, packed: None });
         }
         let derived = Derived {
             key,
             scoring: scoring.map(|t| t.f_contiguous()).transpose()?,
             value_weights: value_weights.f_contiguous()?,
             value_bias: value_bias.map(|b| b.f_contiguous()).transpose()?,
+            packed: pack.then(|| Packed::new::<A>(self)).transpose()?,
         };
         *cache = Some(derived.shallow_clone());
         Ok(derived)

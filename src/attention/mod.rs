@@ -14,5 +14,5 @@ mod multihead;
 
 pub use self::core::AttentionConfig;
 pub(crate) use self::core::{impl_attention_mixer, Attend, AttentionCore, Want};
-pub(crate) use self::fast::{masked_softmax, Derived, KeyWeights, LARGE_BATCH};
+pub(crate) use self::fast::{masked_softmax, Derived, KeyWeights, Packed, LARGE_BATCH};
 pub use self::multihead::MultiheadAttention;

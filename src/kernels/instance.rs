@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use tch::{Device, Tensor};
 
-use super::math::{dot, dot4, softmax, weighted_rows, Element};
+use super::math::{dot, dot4, dot4x2, softmax, weighted_rows, Element};
 use super::memory::{split_planes, Views};
 use super::team::{self, Kernel};
 use super::{applies, dispatch, Shape};
@@ -87,7 +87,17 @@ impl<'a, T: Element> Kernel for Instance<'a, T> {
             }
             for t in (0..size).step_by(tile) {
                 let end = (t + tile).min(size);
-                for (g, w) in self.w.chunks_exact(size).enumerate() {
+                let mut g = 0;
+                while count == 4 && g + 2 <= f {
+                    let w = [g, g + 1].map(|g| &self.w[g * size + t..g * size + end]);
+                    let xs = std::array::from_fn(|j| &x[j * size + t..j * size + end]);
+                    for (j, partials) in dot4x2::<T, FMA>(w, xs).into_iter().enumerate() {
+                        scores[j * f + g] += partials[0];
+                        scores[j * f + g + 1] += partials[1];
+                    }
+                    g += 2;
+                }
+                for (g, w) in self.w.chunks_exact(size).enumerate().skip(g) {
                     let w = &w[t..end];
                     if count == 4 {
                         let xs = std::array::from_fn(|j| &x[j * size + t..j * size + end]);

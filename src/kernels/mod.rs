@@ -9,9 +9,11 @@
 //! - [`team`]: how a kernel runs (parts of the batch on libtorch's OpenMP team, SIMD builds);
 //! - [`memory`]: tensors as slices, and their division among the parts;
 //! - [`math`]: the arithmetic the kernels share;
-//! - one file per kernel: [`weighted`], [`mod@cross`], [`mod@instance`], [`self_attention`].
+//! - one file per kernel: [`weighted`], [`mod@cross`], [`mod@instance`], [`self_attention`],
+//!   [`gemm`] (small products against packed weights).
 
 mod cross;
+mod gemm;
 mod instance;
 mod math;
 #[allow(unsafe_code)] // raw views of tensors' memory
@@ -22,6 +24,7 @@ mod team;
 mod weighted;
 
 pub(crate) use cross::cross;
+pub(crate) use gemm::{linear, pack};
 pub(crate) use instance::instance;
 pub(crate) use self_attention::self_weights;
 pub(crate) use weighted::weighted_sums;

@@ -1,0 +1,297 @@
+//! Small matrix products `x W^T + b` against weights packed once, for the batches where MKL's
+//! packing of the weights on every call costs as much as the product itself (self-attention's
+//! queries and keys of a few instances, the value and output projections of a pooled batch).
+//!
+//! The weights are packed when the attention mixers derive their cached tensors: in panels of
+//! [`PANEL`] columns of `W^T`, each followed by its bias, so that a tile of `R x PANEL` outputs
+//! is `R` rows of the input times one panel read front to back, its partial sums in `2 R`
+//! vector registers.
+
+use std::ops::Range;
+
+use tch::{Device, Tensor};
+
+use super::math::{madd, Element};
+use super::memory::Views;
+use super::team::{self, Kernel};
+use super::{applies, dispatch};
+use crate::error::Result;
+
+/// Columns of `W^T` per packed panel: two AVX registers of f32.
+const PANEL: usize = 16;
+
+/// Packs `B` blocks of weights `weights` `(B, n, K)`, with their biases `(B, n)` or none, for
+/// [`linear`]: `(B, P, K + 1, PANEL)` with `P = ceil(n / PANEL)`, where panel `p` of block `b`
+/// holds columns `p PANEL..` of `W_b^T` in its rows `0..K` and of the bias in row `K` (zero
+/// past column `n`, and everywhere without a bias).
+pub(crate) fn pack(weights: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (blocks, n, k) = weights.size3()?;
+    let bias = match bias {
+        Some(bias) => bias.f_reshape([blocks, n, 1])?,
+        None => Tensor::f_zeros([blocks, n, 1], (weights.kind(), weights.device()))?,
+    };
+    let panels = (n + PANEL as i64 - 1) / PANEL as i64;
+    let augmented = Tensor::f_cat(&[weights, &bias], 2)?; // (B, n, K + 1)
+    let padded = augmented.f_constant_pad_nd([0, 0, 0, panels * PANEL as i64 - n])?;
+    let panels = padded.f_view([blocks, panels, PANEL as i64, k + 1])?.f_transpose(2, 3)?;
+    Ok(panels.f_contiguous()?)
+}
+
+/// `y[m, b n + c] = sum_k x_b[m, k] W_b[c, k] + bias_b[c] (+ add[m, b n + c])` for the blocks
+/// `b` of the `packed` weights (see [`pack`]), each `n` columns wide: the blocks' outputs side by
+/// side.
+///
+/// `x`: `(M, K)` for every block, or `(B, M, K)`, one per block; `add`: `(M, B n)`. Returns
+/// `(M, B n)`, or `None` where [`applies`] is false.
+pub(crate) fn linear(
+    x: &Tensor,
+    packed: &Tensor,
+    n: i64,
+    add: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let mut tensors = vec![x, packed];
+    tensors.extend(add);
+    if !applies(&tensors) {
+        return Ok(None);
+    }
+    let (blocks, panels, rows, _) = packed.size4()?;
+    let (m, k) = (x.size()[x.dim() - 2], rows - 1);
+    let mut out = Tensor::f_empty([m, blocks * n], (x.kind(), Device::Cpu))?;
+    let (x, packed) = (super::resolved(x)?, super::resolved(packed)?);
+    let add = add.map(super::resolved).transpose()?;
+    let size = |s: i64| usize::try_from(s).unwrap_or(0);
+    let sizes =
+        Sizes { m: size(m), k: size(k), n: size(n), blocks: size(blocks), panels: size(panels) };
+    let shared = x.dim() == 2;
+    dispatch!(x.kind(), |T| {
+        let mut views = Views::default();
+        let (x, w) = (views.read::<T>(&x)?, views.read::<T>(&packed)?);
+        let add = add.as_ref().map(|a| views.read::<T>(a)).transpose()?;
+        let out = views.write::<T>(&mut out)?;
+        let job = Linear { sizes, x, shared, w, add };
+        let width = sizes.blocks * sizes.n;
+        let per = team::part_size(sizes.m, sizes.k * width);
+        let parts = out.chunks_mut((per * width).max(1));
+        team::run(&job, team::ranges(sizes.m, per).zip(parts).collect());
+    });
+    Ok(Some(out))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    /// Rows of the input.
+    m: usize,
+    /// Columns of the input (the weights' rows).
+    k: usize,
+    /// Output columns per block.
+    n: usize,
+    blocks: usize,
+    /// Panels per block.
+    panels: usize,
+}
+
+struct Linear<'a, T> {
+    sizes: Sizes,
+    x: &'a [T],
+    /// Whether one input serves every block.
+    shared: bool,
+    w: &'a [T],
+    add: Option<&'a [T]>,
+}
+
+impl<'a, T: Element> Kernel for Linear<'a, T> {
+    /// The part's rows of the output.
+    type Part = &'a mut [T];
+
+    #[inline(always)]
+    fn run<const FMA: bool>(&self, range: Range<usize>, out: Self::Part) {
+        let Sizes { m, k, n, blocks, panels } = self.sizes;
+        let width = blocks * n;
+        // Rows per tile: two registers of partial sums per row of f32, four per row of f64,
+        // eight registers in all (as many independent sums as the multiply-add units overlap).
+        let rows = if std::mem::size_of::<T>() == 4 { 4 } else { 2 };
+        // The tile's rows of the input interleaved (`K x R`), so that the tile reads them in
+        // the order it reads its panel.
+        let mut tile_x = vec![T::ZERO; k * rows];
+        let panel_len = (k + 1) * PANEL;
+        for start in range.clone().step_by(rows) {
+            let count = (range.end - start).min(rows);
+            for b in 0..blocks {
+                if b == 0 || !self.shared {
+                    let x = if self.shared { self.x } else { &self.x[b * m * k..(b + 1) * m * k] };
+                    for r in 0..count {
+                        let row = &x[(start + r) * k..(start + r + 1) * k];
+                        for (e, &v) in row.iter().enumerate() {
+                            tile_x[e * count + r] = v;
+                        }
+                    }
+                }
+                let tile_x = &tile_x[..k * count];
+                // Fewer rows than a full tile take two or four panels at a time, so that the
+                // tile still has eight independent sums.
+                let mut p = 0;
+                while p < panels {
+                    let q = match (count, panels - p) {
+                        (1, 4..) => 4,
+                        (2, 2..) => 2,
+                        _ => 1,
+                    };
+                    let panel = |i: usize| &self.w[(b * panels + p + i) * panel_len..][..panel_len];
+                    let (first, column, end) =
+                        (start - range.start, b * n + p * PANEL, (b + 1) * n);
+                    let place = Place { first, start, width, column, end };
+                    let (out, add, x) = (&mut *out, self.add, tile_x);
+                    match (count, q) {
+                        (4, _) => place.write(out, add, product::<T, FMA, 4, 1>(x, [panel(0)])),
+                        (3, _) => place.write(out, add, product::<T, FMA, 3, 1>(x, [panel(0)])),
+                        (2, 2) => {
+                            let sums = product::<T, FMA, 2, 2>(x, [panel(0), panel(1)]);
+                            place.write(out, add, sums)
+                        }
+                        (2, _) => place.write(out, add, product::<T, FMA, 2, 1>(x, [panel(0)])),
+                        (_, 4) => {
+                            let sums = product::<T, FMA, 1, 4>(x, [0, 1, 2, 3].map(panel));
+                            place.write(out, add, sums)
+                        }
+                        _ => place.write(out, add, product::<T, FMA, 1, 1>(x, [panel(0)])),
+                    }
+                    p += q;
+                }
+            }
+        }
+    }
+}
+
+/// Where a tile's sums go in a part's output.
+#[derive(Clone, Copy)]
+struct Place {
+    /// The tile's first row in the part.
+    first: usize,
+    /// The tile's first row in the whole output (the rows of `add`).
+    start: usize,
+    /// Columns of the output.
+    width: usize,
+    /// The tile's first column.
+    column: usize,
+    /// The end of the block's columns, where the last panel's padding is cut off.
+    end: usize,
+}
+
+impl Place {
+    /// Writes the sums of `R` rows and `Q` panels to `out`, plus `add`'s elements where there
+    /// is one.
+    #[inline(always)]
+    fn write<T: Element, const R: usize, const Q: usize>(
+        self,
+        out: &mut [T],
+        add: Option<&[T]>,
+        sums: [[[T; PANEL]; R]; Q],
+    ) {
+        for (q, sums) in sums.iter().enumerate() {
+            let column = self.column + q * PANEL;
+            let cols = (column + PANEL).min(self.end) - column;
+            for (r, sums) in sums.iter().enumerate() {
+                let at = (self.first + r) * self.width + column;
+                let out = &mut out[at..at + cols];
+                out.copy_from_slice(&sums[..cols]);
+                if let Some(add) = add {
+                    let at = (self.start + r) * self.width + column;
+                    out.iter_mut().zip(&add[at..at + cols]).for_each(|(o, &a)| *o += a);
+                }
+            }
+        }
+    }
+}
+
+/// `R` rows of the input (interleaved, `K x R`) times `Q` panels (`K` rows of [`PANEL`], then
+/// the bias): the bias plus the sums of products, in `Q x R x PANEL` independent chains.
+#[inline(always)]
+fn product<T: Element, const FMA: bool, const R: usize, const Q: usize>(
+    x: &[T],
+    panels: [&[T]; Q],
+) -> [[[T; PANEL]; R]; Q] {
+    let k = x.len() / R;
+    let panels = panels.map(|panel| &panel[..(k + 1) * PANEL]);
+    let mut acc = [[[T::ZERO; PANEL]; R]; Q];
+    for (acc, panel) in acc.iter_mut().zip(panels) {
+        for acc in acc.iter_mut() {
+            acc.copy_from_slice(&panel[k * PANEL..]);
+        }
+    }
+    for (e, x) in x.chunks_exact(R).enumerate() {
+        for q in 0..Q {
+            let w: &[T; PANEL] = panels[q][e * PANEL..(e + 1) * PANEL].try_into().expect("a row");
+            for r in 0..R {
+                for l in 0..PANEL {
+                    acc[q][r][l] = madd::<T, FMA>(acc[q][r][l], x[r], w[l]);
+                }
+            }
+        }
+    }
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, Kind, Tensor};
+
+    use super::*;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.size(), b.size());
+        (a - b).abs().max().double_value(&[])
+    }
+
+    /// Every shape of tile (1 to 4 rows; one, two or four panels at a time) and of the last
+    /// panel, shared and per-block inputs, with and without bias and addend, against libtorch's
+    /// `linear`, in f64 and f32.
+    #[test]
+    fn packed_products_equal_linear() {
+        tch::manual_seed(5);
+        let _guard = tch::no_grad_guard();
+        for kind in [Kind::Double, Kind::Float] {
+            let tolerance = if kind == Kind::Double { 1e-12 } else { 1e-4 };
+            let shapes =
+                [(1, 1, 1, 1), (5, 7, 3, 2), (16, 33, 40, 2), (9, 64, 16, 3), (1, 8, 70, 1)];
+            for (m, k, n, blocks) in shapes.into_iter().chain([(3, 8, 70, 2), (6, 5, 33, 1)]) {
+                let opts = (kind, Device::Cpu);
+                let w = Tensor::randn([blocks, n, k], opts);
+                for bias in [None, Some(Tensor::randn([blocks, n], opts))] {
+                    let packed = pack(&w, bias.as_ref()).unwrap();
+                    for shared in [true, false] {
+                        let x = match shared {
+                            true => Tensor::randn([m, k], opts),
+                            false => Tensor::randn([blocks, m, k], opts),
+                        };
+                        let add = Tensor::randn([m, blocks * n], opts);
+                        let expected: Vec<Tensor> = (0..blocks)
+                            .map(|b| {
+                                let x = if shared { x.shallow_clone() } else { x.get(b) };
+                                x.linear(&w.get(b), bias.as_ref().map(|bias| bias.get(b)).as_ref())
+                            })
+                            .collect();
+                        let expected = Tensor::cat(&expected, 1);
+                        let got = linear(&x, &packed, n, None).unwrap().unwrap();
+                        assert!(max_diff(&got, &expected) < tolerance, "{m} {k} {n} {blocks}");
+                        let got = linear(&x, &packed, n, Some(&add)).unwrap().unwrap();
+                        assert!(max_diff(&got, &(&expected + &add)) < tolerance, "with add");
+                    }
+                }
+            }
+        }
+    }
+
+    /// NaN and infinities reach the outputs they touch, as in a GEMM.
+    #[test]
+    fn non_finite_inputs_reach_their_outputs() {
+        let _guard = tch::no_grad_guard();
+        let w = Tensor::ones([1, 3, 2], (Kind::Float, Device::Cpu));
+        let packed = pack(&w, None).unwrap();
+        let x = Tensor::from_slice(&[f32::NAN, 1.0, f32::INFINITY, 1.0, 1.0, 1.0]).view([3, 2]);
+        let y =
+            Vec::<f32>::try_from(linear(&x, &packed, 3, None).unwrap().unwrap().view(-1)).unwrap();
+        assert!(y[..3].iter().all(|v| v.is_nan()));
+        assert!(y[3..6].iter().all(|&v| v == f32::INFINITY));
+        assert_eq!(y[6..], [2.0; 3]);
+    }
+}
