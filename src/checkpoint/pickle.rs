@@ -531,7 +531,7 @@ impl<'a> Unpickler<'a> {
 
     /// Sets the `(key, value)` pairs `stack[start..]` on the dict below them.
     pub(super) fn set_items(&mut self, start: usize) -> PickleResult<()> {
-        if (self.stack.len() - start) % 2 != 0 {
+        if !(self.stack.len() - start).is_multiple_of(2) {
             return Err("odd number of items for SETITEMS".into());
         }
         let dict = match start.checked_sub(1).filter(|&i| i >= self.floor()) {

@@ -88,7 +88,11 @@ impl<'a, T: Element> Kernel for Cross<'a, T> {
     type Part = (&'a mut [T], Vec<&'a mut [T]>);
 
     #[inline(always)]
-    fn run<const FMA: bool>(&self, range: Range<usize>, (weights, mut pooled): Self::Part) {
+    fn run<const FMA: bool, const REGS32: bool>(
+        &self,
+        range: Range<usize>,
+        (weights, mut pooled): Self::Part,
+    ) {
         let (Shape { f, d, .. }, heads) = (self.shape, self.heads);
         // Head-major weights, then the uniform weights of the mean.
         let mut rows = vec![T::from_f64(1.0 / f as f64); (heads + 1) * f];

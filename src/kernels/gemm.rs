@@ -104,7 +104,7 @@ impl<'a, T: Element> Kernel for Linear<'a, T> {
     type Part = &'a mut [T];
 
     #[inline(always)]
-    fn run<const FMA: bool>(&self, range: Range<usize>, out: Self::Part) {
+    fn run<const FMA: bool, const REGS32: bool>(&self, range: Range<usize>, out: Self::Part) {
         let Sizes { m, k, n, blocks, panels } = self.sizes;
         let width = blocks * n;
         // Rows per tile: two registers of partial sums per row of f32, four per row of f64,

@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use tch::{Device, Tensor};
 
-use super::math::{dot, dot4, dot4x2, softmax, weighted_rows, Element};
+use super::math::{dot, dot4, dot4x2, dot4x4, softmax, weighted_rows, Element};
 use super::memory::{split_planes, Views};
 use super::team::{self, Kernel};
 use super::{applies, dispatch, Shape};
@@ -66,7 +66,11 @@ impl<'a, T: Element> Kernel for Instance<'a, T> {
     type Part = (Vec<&'a mut [T]>, &'a mut [T]);
 
     #[inline(always)]
-    fn run<const FMA: bool>(&self, range: Range<usize>, (mut mixed, importance): Self::Part) {
+    fn run<const FMA: bool, const REGS32: bool>(
+        &self,
+        range: Range<usize>,
+        (mut mixed, importance): Self::Part,
+    ) {
         let Shape { f, d, .. } = self.shape;
         let fold = if self.fold { T::from_f64(1.0 / f as f64) } else { T::ZERO };
         let size = f * d;
@@ -87,7 +91,21 @@ impl<'a, T: Element> Kernel for Instance<'a, T> {
             }
             for t in (0..size).step_by(tile) {
                 let end = (t + tile).min(size);
+                // Four rows of the projection at a time where 16 sums fit in registers with
+                // the loads (32 registers), else two.
                 let mut g = 0;
+                while REGS32 && count == 4 && g + 4 <= f {
+                    let w =
+                        std::array::from_fn(|i| &self.w[(g + i) * size + t..(g + i) * size + end]);
+                    let xs = std::array::from_fn(|j| &x[j * size + t..j * size + end]);
+                    for (j, partials) in dot4x4::<T, FMA>(w, xs).into_iter().enumerate() {
+                        scores[j * f + g..j * f + g + 4]
+                            .iter_mut()
+                            .zip(partials)
+                            .for_each(|(s, p)| *s += p);
+                    }
+                    g += 4;
+                }
                 while count == 4 && g + 2 <= f {
                     let w = [g, g + 1].map(|g| &self.w[g * size + t..g * size + end]);
                     let xs = std::array::from_fn(|j| &x[j * size + t..j * size + end]);

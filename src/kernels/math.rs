@@ -164,6 +164,60 @@ pub(crate) fn dot4x2<T: Element, const FMA: bool>(w: [&[T]; 2], x: [&[T]; 4]) ->
     sums
 }
 
+/// `[[w[i] . x[j] for i in 0..4] for j in 0..4]`: four vectors with four, each read once, in
+/// sixteen independent chains of sums: eight loads per sixteen multiply-adds. The sums and the
+/// loads need 24 vector registers: for the builds with 32 (AVX-512VL) only.
+#[inline(always)]
+pub(crate) fn dot4x4<T: Element, const FMA: bool>(w: [&[T]; 4], x: [&[T]; 4]) -> [[T; 4]; 4] {
+    let n = w[0].len() / 8 * 8;
+    let ([w0, w1, w2, w3], [x0, x1, x2, x3]) = (w.map(|w| &w[..n]), x.map(|x| &x[..n]));
+    let (ws, xs) = (pairs(w0, w1).zip(pairs(w2, w3)), pairs(x0, x1).zip(pairs(x2, x3)));
+    // Named accumulators, each one register: indexing an array of them by a loop variable
+    // would keep them in memory.
+    let z = [T::ZERO; 8];
+    let ([mut a0, mut a1, mut a2, mut a3], [mut b0, mut b1, mut b2, mut b3]) = ([z; 4], [z; 4]);
+    let ([mut c0, mut c1, mut c2, mut c3], [mut d0, mut d1, mut d2, mut d3]) = ([z; 4], [z; 4]);
+    for (((u, v), (y, z)), ((p, q), (r, s))) in ws.zip(xs) {
+        for l in 0..8 {
+            a0[l] = madd::<T, FMA>(a0[l], u[l], p[l]);
+            a1[l] = madd::<T, FMA>(a1[l], v[l], p[l]);
+            a2[l] = madd::<T, FMA>(a2[l], y[l], p[l]);
+            a3[l] = madd::<T, FMA>(a3[l], z[l], p[l]);
+            b0[l] = madd::<T, FMA>(b0[l], u[l], q[l]);
+            b1[l] = madd::<T, FMA>(b1[l], v[l], q[l]);
+            b2[l] = madd::<T, FMA>(b2[l], y[l], q[l]);
+            b3[l] = madd::<T, FMA>(b3[l], z[l], q[l]);
+            c0[l] = madd::<T, FMA>(c0[l], u[l], r[l]);
+            c1[l] = madd::<T, FMA>(c1[l], v[l], r[l]);
+            c2[l] = madd::<T, FMA>(c2[l], y[l], r[l]);
+            c3[l] = madd::<T, FMA>(c3[l], z[l], r[l]);
+            d0[l] = madd::<T, FMA>(d0[l], u[l], s[l]);
+            d1[l] = madd::<T, FMA>(d1[l], v[l], s[l]);
+            d2[l] = madd::<T, FMA>(d2[l], y[l], s[l]);
+            d3[l] = madd::<T, FMA>(d3[l], z[l], s[l]);
+        }
+    }
+    let acc = [[a0, a1, a2, a3], [b0, b1, b2, b3], [c0, c1, c2, c3], [d0, d1, d2, d3]];
+    let mut sums = [[T::ZERO; 4]; 4];
+    for (j, (sums, acc)) in sums.iter_mut().zip(&acc).enumerate() {
+        for (i, (sum, acc)) in sums.iter_mut().zip(acc).enumerate() {
+            for (&w, &x) in w[i][n..].iter().zip(&x[j][n..]) {
+                *sum += w * x;
+            }
+            for &partial in acc {
+                *sum += partial;
+            }
+        }
+    }
+    sums
+}
+
+/// The 8-element chunks of `a` and `b`, side by side.
+#[inline(always)]
+fn pairs<'a, T>(a: &'a [T], b: &'a [T]) -> impl Iterator<Item = (&'a [T], &'a [T])> {
+    a.chunks_exact(8).zip(b.chunks_exact(8))
+}
+
 /// `acc + a b`: one fused multiply-add where `FMA` (the builds for processors that have it),
 /// else a product and a sum.
 #[inline(always)]
@@ -235,11 +289,24 @@ pub(crate) fn weighted_rows<T: Element, const FMA: bool>(
     let rows = weights.len() / f.max(1);
     let span = j * d..(j + 1) * d;
     if rows == 1 {
-        // One row streams the features in order, which the prefetcher follows best.
+        // One row: blocks of 64 columns, their sums in eight vector registers (eight independent
+        // chains) while the features pass, so that nothing is stored before the end.
         let out = &mut planes[0][span];
+        let body = d / 64 * 64;
+        for c in (0..body).step_by(64) {
+            let mut acc = [T::ZERO; 64];
+            for (&w, row) in weights.iter().zip(x.chunks_exact(d)) {
+                let xs: &[T; 64] = row[c..c + 64].try_into().expect("a block of 64");
+                for l in 0..64 {
+                    acc[l] = madd::<T, FMA>(acc[l], w, xs[l]);
+                }
+            }
+            out[c..c + 64].copy_from_slice(&acc);
+        }
+        let out = &mut out[body..];
         out.iter_mut().for_each(|o| *o = T::ZERO);
-        for (&w, xr) in weights.iter().zip(x.chunks_exact(d)) {
-            axpy::<T, FMA>(out, w, xr);
+        for (&w, row) in weights.iter().zip(x.chunks_exact(d)) {
+            axpy::<T, FMA>(out, w, &row[body..]);
         }
         return;
     }

@@ -62,7 +62,7 @@ impl<'a, T: Element> Kernel for SelfWeights<'a, T> {
     type Part = &'a mut [T];
 
     #[inline(always)]
-    fn run<const FMA: bool>(&self, range: Range<usize>, weights: Self::Part) {
+    fn run<const FMA: bool, const REGS32: bool>(&self, range: Range<usize>, weights: Self::Part) {
         let (Shape { f, d, .. }, heads) = (self.shape, self.heads);
         let hd = d / heads;
         let inv = T::from_f64(1.0 / f as f64);

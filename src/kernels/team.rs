@@ -18,9 +18,11 @@ pub(crate) trait Kernel: Sync {
     /// The outputs of one range of instances, disjoint from every other range's.
     type Part: Send;
 
-    /// Runs the kernel over `range`, writing `part`; with fused multiply-adds where `FMA`.
-    /// Implementations are `#[inline(always)]`, so that each build compiles them anew.
-    fn run<const FMA: bool>(&self, range: Range<usize>, part: Self::Part);
+    /// Runs the kernel over `range`, writing `part`; with fused multiply-adds where `FMA`, and
+    /// with 32 vector registers where `REGS32` (AVX-512VL: the builds where kernels may keep
+    /// twice as many sums in registers). Implementations are `#[inline(always)]`, so that each
+    /// build compiles them anew.
+    fn run<const FMA: bool, const REGS32: bool>(&self, range: Range<usize>, part: Self::Part);
 }
 
 /// The number of instances in each part of a batch of `n` instances of `work` multiply-adds
@@ -67,18 +69,21 @@ pub(crate) fn run<K: Kernel>(kernel: &K, parts: Vec<(Range<usize>, K::Part)>) {
     });
 }
 
-/// Runs one part in the AVX2 + FMA build where the processor has them.
+/// Runs one part in the widest build of the kernel the processor supports: AVX-512VL (32
+/// vector registers), AVX2 + FMA, or the baseline.
 fn run_one<K: Kernel>(kernel: &K, range: Range<usize>, part: K::Part) {
     #[cfg(target_arch = "x86_64")]
     {
-        if wide_simd() {
-            // SAFETY: the processor supports the features `run_wide` is compiled for.
-            return unsafe { run_wide(kernel, range, part) };
+        match simd() {
+            // SAFETY: the processor supports the features `run_avx512` is compiled for.
+            Simd::Avx512 => unsafe { run_avx512(kernel, range, part) },
+            // SAFETY: the processor supports the features `run_avx2` is compiled for.
+            Simd::Avx2 => unsafe { run_avx2(kernel, range, part) },
+            Simd::Baseline => kernel.run::<false, false>(range, part),
         }
-        kernel.run::<false>(range, part)
     }
     #[cfg(not(target_arch = "x86_64"))]
-    kernel.run::<{ cfg!(target_feature = "fma") }>(range, part)
+    kernel.run::<{ cfg!(target_feature = "fma") }, false>(range, part)
 }
 
 /// The AVX2 + FMA build of a kernel (its `run` is inlined here), with fused multiply-adds.
@@ -87,13 +92,50 @@ fn run_one<K: Kernel>(kernel: &K, range: Range<usize>, part: K::Part) {
 /// The processor must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn run_wide<K: Kernel>(kernel: &K, range: Range<usize>, part: K::Part) {
-    kernel.run::<true>(range, part)
+unsafe fn run_avx2<K: Kernel>(kernel: &K, range: Range<usize>, part: K::Part) {
+    kernel.run::<true, false>(range, part)
 }
 
+/// The AVX-512VL build of a kernel: AVX2 and FMA with 32 vector registers.
+///
+/// # Safety
+/// The processor must support AVX2, FMA, AVX-512F and AVX-512VL.
 #[cfg(target_arch = "x86_64")]
-fn wide_simd() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+unsafe fn run_avx512<K: Kernel>(kernel: &K, range: Range<usize>, part: K::Part) {
+    kernel.run::<true, true>(range, part)
+}
+
+/// The instruction sets a build of the kernels can use.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Simd {
+    Avx512,
+    Avx2,
+    Baseline,
+}
+
+/// What this processor supports, detected once. `TCH_MIX_SIMD=avx2` or `baseline` caps it (to
+/// compare the builds, or to rule one out).
+#[cfg(target_arch = "x86_64")]
+fn simd() -> Simd {
+    use std::sync::OnceLock;
+    static SIMD: OnceLock<Simd> = OnceLock::new();
+    *SIMD.get_or_init(|| {
+        let cap = std::env::var("TCH_MIX_SIMD").unwrap_or_default();
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && cap != "baseline";
+        let avx512 = avx2
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && cap != "avx2";
+        match (avx512, avx2) {
+            (true, _) => Simd::Avx512,
+            (false, true) => Simd::Avx2,
+            _ => Simd::Baseline,
+        }
+    })
 }
 
 /// libtorch's OpenMP runtime (libgomp in PyTorch's Linux wheels, or a runtime that speaks its
@@ -182,7 +224,7 @@ mod tests {
     impl<'a> Kernel for Count<'a> {
         type Part = &'a mut [usize];
 
-        fn run<const FMA: bool>(&self, range: Range<usize>, part: Self::Part) {
+        fn run<const FMA: bool, const REGS32: bool>(&self, range: Range<usize>, part: Self::Part) {
             assert!(range.start != 999, "a part that fails");
             for (slot, i) in part.iter_mut().zip(range.clone()) {
                 *slot += i;

@@ -61,7 +61,11 @@ impl<'a, T: Element> Kernel for WeightedSums<'a, T> {
     type Part = Vec<&'a mut [T]>;
 
     #[inline(always)]
-    fn run<const FMA: bool>(&self, range: Range<usize>, mut planes: Self::Part) {
+    fn run<const FMA: bool, const REGS32: bool>(
+        &self,
+        range: Range<usize>,
+        mut planes: Self::Part,
+    ) {
         let Shape { f, d, .. } = self.shape;
         let rows = self.rows;
         // The weights plus the shift, then the uniform weights of the mean.
