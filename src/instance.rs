@@ -125,17 +125,22 @@ impl InstanceWeightsMixer {
 
     /// Inference on the CPU in one pass over the input (see `kernels::instance`): the mixed
     /// features and the importance, or `None` where the kernel does not apply.
+    /// Without `output`, the importance only (the mixed features are `None`).
     fn one_pass(
         &self,
         inp: &Tensor,
         skip: bool,
         keep_dim: bool,
-    ) -> Result<Option<(Tensor, Tensor)>> {
+        output: bool,
+    ) -> Result<Option<(Option<Tensor>, Tensor)>> {
         let shape = inp.size();
         let leading = &shape[..shape.len() - 2];
-        let flat = inp.f_reshape([-1, self.n_features, self.mod_dim])?;
-        let Some((mixed, importance)) =
-            kernels::instance(&flat, &self.weight, self.bias.as_ref(), skip)?
+        let flat = match shape.len() {
+            3 => inp.shallow_clone(),
+            _ => inp.f_reshape([-1, self.n_features, self.mod_dim])?,
+        };
+        let bias = self.bias.as_ref();
+        let Some((mixed, importance)) = kernels::instance(&flat, &self.weight, bias, skip, output)?
         else {
             return Ok(None);
         };
@@ -144,8 +149,12 @@ impl InstanceWeightsMixer {
             mixed_shape.push(1);
         }
         mixed_shape.push(self.mod_dim);
-        let importance_shape: Vec<i64> = leading.iter().copied().chain([self.n_features]).collect();
-        Ok(Some((mixed.f_reshape(mixed_shape)?, importance.f_reshape(importance_shape)?)))
+        let mixed = mixed.map(|mixed| mixed.f_reshape(mixed_shape)).transpose()?;
+        let importance = match shape.len() {
+            3 => importance,
+            _ => importance.f_reshape([leading, &[self.n_features]].concat())?,
+        };
+        Ok(Some((mixed, importance)))
     }
 
     fn weights(&self, inp: &Tensor) -> Result<Tensor> {
@@ -187,7 +196,7 @@ impl Mixer for InstanceWeightsMixer {
         self.check(inp, mask)?;
         // The one-pass kernel beats libtorch's skinny GEMM even with the pooling it adds.
         if self.n_features > 0 {
-            if let Some((_, importance)) = self.one_pass(inp, false, false)? {
+            if let Some((_, importance)) = self.one_pass(inp, false, false, false)? {
                 return Ok(importance);
             }
         }
@@ -203,8 +212,8 @@ impl Mixer for InstanceWeightsMixer {
         self.check(inp, mask)?;
         let InstanceWeightsConfig { dropout, skip, keep_dim, .. } = self.config;
         if self.n_features > 0 && !(train && dropout > 0.0) {
-            if let Some(both) = self.one_pass(inp, skip, keep_dim)? {
-                return Ok(both);
+            if let Some((Some(mixed), importance)) = self.one_pass(inp, skip, keep_dim, true)? {
+                return Ok((mixed, importance));
             }
         }
         let weights = self.weights(inp)?;

@@ -16,14 +16,15 @@ const TILE: usize = 1024;
 
 /// InstanceWeightsMixer in one pass: `importance[n] = softmax(W x[n].flatten() + b)` and
 /// `mixed[n] = sum_f (importance[n, f] + fold) x[n, f]`, where `fold` is `1/F` (skip folded in)
-/// or 0. `x`: `(N, F, D)`, `weight`: `(F, F D)`, `bias`: `(F,)`; returns `((N, D), (N, F))`,
-/// or `None` where [`applies`] is false.
+/// or 0. `x`: `(N, F, D)`, `weight`: `(F, F D)`, `bias`: `(F,)`; returns `((N, D), (N, F))`
+/// (the mixed vectors only where `output`), or `None` where [`applies`] is false.
 pub(crate) fn instance(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     fold: bool,
-) -> Result<Option<(Tensor, Tensor)>> {
+    output: bool,
+) -> Result<Option<(Option<Tensor>, Tensor)>> {
     let mut tensors = vec![x, weight];
     tensors.extend(bias);
     if !applies(&tensors) {
@@ -31,8 +32,9 @@ pub(crate) fn instance(
     }
     let (n, f, d) = x.size3()?;
     let options = (x.kind(), Device::Cpu);
+    let rows = if output { n } else { 0 };
     let (mut mixed, mut importance) =
-        (Tensor::f_empty([n, d], options)?, Tensor::f_empty([n, f], options)?);
+        (Tensor::f_empty([rows, d], options)?, Tensor::f_empty([n, f], options)?);
     let (x, weight) = (super::resolved(x)?, super::resolved(weight)?);
     let bias = bias.map(super::resolved).transpose()?;
     let shape = Shape::of(n, f, d);
@@ -44,12 +46,12 @@ pub(crate) fn instance(
         let importance = views.write::<T>(&mut importance)?;
         let job = Instance { shape, x, w, b, fold };
         let per = team::part_size(shape.n, shape.f * shape.f * shape.d);
-        let mixed = split_planes(mixed, 1, shape.n, shape.d, per);
+        let mixed = split_planes(mixed, usize::from(output), shape.n, shape.d, per);
         let importance = split_planes(importance, 1, shape.n, shape.f, per);
         let parts = mixed.into_iter().zip(importance).map(|(m, mut i)| (m, i.remove(0)));
         team::run(&job, team::ranges(shape.n, per).zip(parts).collect());
     });
-    Ok(Some((mixed, importance)))
+    Ok(Some((output.then_some(mixed), importance)))
 }
 
 struct Instance<'a, T> {
@@ -62,7 +64,8 @@ struct Instance<'a, T> {
 }
 
 impl<'a, T: Element> Kernel for Instance<'a, T> {
-    /// The mixed vectors (one plane) and the importance of the part's instances.
+    /// The mixed vectors (one plane, none where not asked for) and the importance of the
+    /// part's instances.
     type Part = (Vec<&'a mut [T]>, &'a mut [T]);
 
     #[inline(always)]
@@ -134,8 +137,10 @@ impl<'a, T: Element> Kernel for Instance<'a, T> {
                 let j = start - range.start + k;
                 softmax(weights, false);
                 importance[j * f..(j + 1) * f].copy_from_slice(weights);
-                weights.iter_mut().for_each(|w| *w += fold);
-                weighted_rows::<T, FMA>(&mut mixed, j, weights, x, d);
+                if !mixed.is_empty() {
+                    weights.iter_mut().for_each(|w| *w += fold);
+                    weighted_rows::<T, FMA>(&mut mixed, j, weights, x, d);
+                }
             }
             start += count;
         }
