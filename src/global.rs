@@ -119,14 +119,16 @@ impl GlobalWeightsMixer {
         Ok(self.coeffs.f_softmax(-1, None::<Kind>)?.f_expand(leading, false)?)
     }
 
-    fn mix(&self, inp: &Tensor, train: bool) -> Result<Tensor> {
+    /// The mixed features; `softmax` is the softmax of the coefficients where the caller has it.
+    fn mix(&self, inp: &Tensor, train: bool, softmax: Option<&Tensor>) -> Result<Tensor> {
         if self.n_features == 0 {
             return mixer::without_features(inp, self.config.keep_dim);
         }
         let GlobalWeightsConfig { dropout, skip, keep_dim } = self.config;
-        let weights = match mode::use_reference(self.kind()) {
-            true => self.importance_of(inp)?,
-            false => self.coeffs.f_softmax(-1, None::<Kind>)?,
+        let weights = match (mode::use_reference(self.kind()), softmax) {
+            (true, _) => self.importance_of(inp)?,
+            (false, Some(softmax)) => softmax.shallow_clone(),
+            (false, None) => self.coeffs.f_softmax(-1, None::<Kind>)?,
         };
         mixer::mix_weighted(&weights, inp, dropout, skip, keep_dim, train)
     }
@@ -159,7 +161,7 @@ impl Mixer for GlobalWeightsMixer {
 
     fn f_forward_t(&self, inp: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
         self.check(inp, mask)?;
-        self.mix(inp, train)
+        self.mix(inp, train, None)
     }
 
     fn f_importance(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
@@ -174,7 +176,13 @@ impl Mixer for GlobalWeightsMixer {
         train: bool,
     ) -> Result<(Tensor, Tensor)> {
         self.check(inp, mask)?;
-        Ok((self.mix(inp, train)?, self.importance_of(inp)?))
+        if mode::use_reference(self.kind()) {
+            return Ok((self.mix(inp, train, None)?, self.importance_of(inp)?));
+        }
+        // One softmax for both.
+        let softmax = self.coeffs.f_softmax(-1, None::<Kind>)?;
+        let leading = &inp.size()[..inp.dim() - 1];
+        Ok((self.mix(inp, train, Some(&softmax))?, softmax.f_expand(leading, false)?))
     }
 
     fn reset_parameters(&mut self) -> Result<()> {

@@ -149,7 +149,10 @@ impl InstanceWeightsMixer {
             mixed_shape.push(1);
         }
         mixed_shape.push(self.mod_dim);
-        let mixed = mixed.map(|mixed| mixed.f_reshape(mixed_shape)).transpose()?;
+        let mixed = match mixed {
+            Some(mixed) if mixed.size() != mixed_shape => Some(mixed.f_reshape(mixed_shape)?),
+            mixed => mixed,
+        };
         let importance = match shape.len() {
             3 => importance,
             _ => importance.f_reshape([leading, &[self.n_features]].concat())?,

@@ -169,12 +169,12 @@ pub(crate) fn check_input(
     device: Device,
 ) -> Result<()> {
     let shape = inp.size();
-    let features = n_features.map_or("n_features".to_string(), |n| n.to_string());
-    let expected = format!("(..., {features}, {mod_dim})");
     let fits = shape.len() >= 2
         && shape[shape.len() - 1] == mod_dim
         && n_features.is_none_or(|n| shape[shape.len() - 2] == n);
     if !fits {
+        let features = n_features.map_or("n_features".to_string(), |n| n.to_string());
+        let expected = format!("(..., {features}, {mod_dim})");
         return Err(MixError::Shape { what: "input", expected, got: shape });
     }
     if inp.kind() != kind {
@@ -286,34 +286,42 @@ pub(crate) fn mix_weighted(
     let features = inp.size()[inp.dim() - 2];
     // In half precision `w + 1/F` would round the weights: keep swak's sequence there.
     if mode::is_half(inp.kind()) || (train && dropout > 0.0) || !skip {
-        let mixed = weighted_sum(weights, inp, 0.0)?;
+        let mixed = weighted_sum(weights, inp, 0.0, true)?;
         return finish(mixed, inp, dropout, skip, keep_dim, train);
     }
-    let mixed = weighted_sum(weights, inp, 1.0 / features as f64)?;
-    Ok(if keep_dim { mixed } else { mixed.f_squeeze_dim(-2)? })
+    weighted_sum(weights, inp, 1.0 / features as f64, keep_dim)
 }
 
 /// `(..., F) x (..., F, D) -> (..., 1, D)` with the weights plus `shift`, weights `(F,)` shared
-/// by all instances or one row each; on the CPU without autograd in one pass over the input
-/// (see [`kernels::weighted_sums`]).
-fn weighted_sum(weights: &Tensor, inp: &Tensor, shift: f64) -> Result<Tensor> {
+/// by all instances or one row each; `(..., D)` without `keep_dim`. On the CPU without autograd
+/// in one pass over the input (see [`kernels::weighted_sums`]).
+fn weighted_sum(weights: &Tensor, inp: &Tensor, shift: f64, keep_dim: bool) -> Result<Tensor> {
     let shape = inp.size();
     let (features, dim) = (shape[shape.len() - 2], shape[shape.len() - 1]);
     let rows = match weights.dim() {
         1 => weights.f_unsqueeze(0)?,
         _ => weights.f_reshape([-1, 1, features])?,
     };
-    let flat = inp.f_reshape([-1, features, dim])?;
+    let flat = match shape.len() {
+        3 => inp.shallow_clone(),
+        _ => inp.f_reshape([-1, features, dim])?,
+    };
+    let mut out_shape = shape.clone();
+    if keep_dim {
+        out_shape[shape.len() - 2] = 1;
+    } else {
+        out_shape.remove(shape.len() - 2);
+    }
     if let Some(pooled) =
         kernels::weighted_sums(&rows, &flat, shift, false, &mut Default::default())?
     {
-        let mut out_shape = shape.clone();
-        out_shape[shape.len() - 2] = 1;
+        // `(1, N, D)`: one reshape to the output's shape.
         return Ok(pooled.f_reshape(out_shape)?);
     }
     let weights =
         if shift == 0.0 { weights.shallow_clone() } else { weights.f_add_scalar(shift)? };
-    Ok(weights.f_unsqueeze(-2)?.f_matmul(inp)?)
+    let mixed = weights.f_unsqueeze(-2)?.f_matmul(inp)?;
+    Ok(if keep_dim { mixed } else { mixed.f_squeeze_dim(-2)? })
 }
 
 /// A boxed mixer in a tch pipeline (`nn::seq_t().add(boxed)`): forward without a mask; like tch's

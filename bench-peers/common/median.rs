@@ -6,10 +6,17 @@ use std::time::Instant;
 
 use anyhow::Result;
 
-/// The median wall time of `reps` calls in milliseconds, after warm-up (as `tch-mix bench`).
+/// How long calls run before any is timed (as in `tch-mix bench`).
+const WARM_UP: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The median wall time of `reps` calls in milliseconds, after a few calls and at least
+/// [`WARM_UP`] of them (as `tch-mix bench`).
 pub fn median_ms(reps: usize, mut call: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..reps.clamp(2, 5) {
+    let start = Instant::now();
+    let mut calls = 0;
+    while calls < reps.clamp(2, 5) || start.elapsed() < WARM_UP {
         call()?;
+        calls += 1;
     }
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps {

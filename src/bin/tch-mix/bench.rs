@@ -109,6 +109,10 @@ fn relative_error(what: &str, ours: &Tensor, expected: &Tensor) -> Result<f64> {
     Ok(diff / scale)
 }
 
+/// How long calls run before any is timed (as in the peers' benchmarks and
+/// scripts/bench_pytorch.py).
+const WARM_UP: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// The median wall time of `reps` calls in milliseconds, after warm-up, device-synchronised.
 fn median_ms(
     reps: usize,
@@ -120,8 +124,14 @@ fn median_ms(
             tch::Cuda::synchronize(index as i64);
         }
     };
-    for _ in 0..reps.clamp(2, 5) {
+    // Warm-up: a few calls, and at least WARM_UP of them, so that clocks, caches and the
+    // threads' spinning have settled before the first timed call (200 calls of a few
+    // microseconds would otherwise be timed in the first millisecond of activity).
+    let start = Instant::now();
+    let mut calls = 0;
+    while calls < reps.clamp(2, 5) || start.elapsed() < WARM_UP {
         call()?;
+        calls += 1;
     }
     sync();
     let mut times = Vec::with_capacity(reps);
