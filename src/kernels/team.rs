@@ -3,8 +3,8 @@
 //! kernel the processor supports.
 //!
 //! One of the two places with `unsafe` code (the other is [`super::memory`]): the libgomp
-//! entry point, looked up with `dlsym` and called through C, and the call of the AVX2 + FMA
-//! builds of the kernels.
+//! entry point, looked up with `dlsym` and called through C, and the calls of the AVX2 + FMA
+//! and AVX-512VL builds of the kernels.
 
 use std::ops::Range;
 use std::sync::Mutex;
