@@ -15,7 +15,7 @@ use super::math::{madd, Element};
 use super::memory::Views;
 use super::team::{self, Kernel};
 use super::{applies, dispatch};
-use crate::error::Result;
+use crate::error::{MixError, Result};
 
 /// Columns of `W^T` per packed panel: two AVX registers of f32.
 const PANEL: usize = 16;
@@ -56,6 +56,20 @@ pub(crate) fn linear(
     }
     let (blocks, panels, rows, _) = packed.size4()?;
     let (m, k) = (x.size()[x.dim() - 2], rows - 1);
+    // The shapes the slices below rely on, checked (an error, not a panic in a worker thread).
+    let expected_x = match x.dim() {
+        2 => vec![m, k],
+        _ => vec![blocks, m, k],
+    };
+    let panel = PANEL as i64;
+    let fits_panels = (panels - 1) * panel < n && n <= panels * panel;
+    if x.size() != expected_x || !fits_panels || add.is_some_and(|a| a.size() != [m, blocks * n]) {
+        return Err(MixError::Shape {
+            what: "packed product",
+            expected: format!("x {expected_x:?} and {n} columns per block of {panels} panels"),
+            got: x.size(),
+        });
+    }
     let mut out = Tensor::f_empty([m, blocks * n], (x.kind(), Device::Cpu))?;
     let (x, packed) = (super::resolved(x)?, super::resolved(packed)?);
     let add = add.map(super::resolved).transpose()?;
@@ -279,6 +293,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Inputs that do not fit the packed weights are errors, not panics.
+    #[test]
+    fn mismatched_shapes_are_errors() {
+        let _guard = tch::no_grad_guard();
+        let opts = (Kind::Float, Device::Cpu);
+        let packed = pack(&Tensor::randn([2, 20, 8], opts), None).unwrap();
+        assert!(linear(&Tensor::randn([3, 7], opts), &packed, 20, None).is_err(), "K");
+        assert!(linear(&Tensor::randn([3, 3, 8], opts), &packed, 20, None).is_err(), "blocks");
+        assert!(linear(&Tensor::randn([3, 8], opts), &packed, 40, None).is_err(), "columns");
+        let add = Tensor::randn([3, 20], opts);
+        assert!(linear(&Tensor::randn([3, 8], opts), &packed, 20, Some(&add)).is_err(), "add");
+        assert!(linear(&Tensor::randn([3, 8], opts), &packed, 20, None).unwrap().is_some());
     }
 
     /// NaN and infinities reach the outputs they touch, as in a GEMM.
