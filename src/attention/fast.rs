@@ -117,15 +117,15 @@ impl Packed {
         let (w, b) = (&attention.in_proj_weight, attention.in_proj_bias.as_ref());
         let queries_keys = match A::PROJECTS_QUERIES_KEYS {
             true => {
-                let w = w.f_narrow(0, 0, 2 * d)?.f_view([2, d, d])?;
-                let b = b.map(|b| b.f_narrow(0, 0, 2 * d)?.f_view([2, d])).transpose()?;
+                let w = w.f_narrow(0, 0, 2 * d)?.f_reshape([2, d, d])?;
+                let b = b.map(|b| b.f_narrow(0, 0, 2 * d)?.f_reshape([2, d])).transpose()?;
                 Some(kernels::pack(&w, b.as_ref())?)
             }
             false => None,
         };
-        let w_v = w.f_narrow(0, 2 * d, d)?.f_view([h, hd, d])?;
-        let b_v = b.map(|b| b.f_narrow(0, 2 * d, d)?.f_view([h, hd])).transpose()?;
-        let w_o = attention.out_proj_weight.f_view([1, d, d])?;
+        let w_v = w.f_narrow(0, 2 * d, d)?.f_reshape([h, hd, d])?;
+        let b_v = b.map(|b| b.f_narrow(0, 2 * d, d)?.f_reshape([h, hd])).transpose()?;
+        let w_o = attention.out_proj_weight.f_reshape([1, d, d])?;
         Ok(Self {
             queries_keys,
             value: kernels::pack(&w_v, b_v.as_ref())?,
