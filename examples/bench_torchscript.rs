@@ -20,10 +20,10 @@ use tch::{CModule, IValue, Kind, Tensor};
 
 #[path = "../bench-peers/common/median.rs"]
 mod median;
+#[path = "../bench-peers/common/variants.rs"]
+mod variants;
 use median::median_ms;
-
-/// Largest `max |peer - swak| / max |swak|` accepted (f32 sums in another order).
-const TOLERANCE: f64 = 1e-4;
+use variants::{accepted, variants};
 
 struct Options {
     dir: PathBuf,
@@ -96,32 +96,17 @@ struct Timed {
 /// Loads, checks and times every variant of one function; returns the fastest that passed.
 fn fastest(options: &Options, function: &str, inp: &Tensor, expected: &Tensor) -> Result<Timed> {
     let prefix = format!("{}.{function}.", options.mixer);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&options.dir)
-        .with_context(|| format!("{}", options.dir.display()))?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            name.starts_with(&prefix) && name.ends_with(".pt")
-        })
-        .collect();
-    files.sort();
     let mut best: Option<Timed> = None;
-    for file in files {
-        let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let variant = name[prefix.len()..name.len() - 3].to_string();
+    for (variant, file) in variants(&options.dir, &prefix, ".pt")? {
         let mut module =
             CModule::load(&file).with_context(|| format!("loading {}", file.display()))?;
         module.set_eval();
-        let err = match run(&module, inp).and_then(|out| relative_error(&out, expected)) {
-            Ok(err) if err <= TOLERANCE => err,
-            Ok(err) => {
-                println!("variant={variant} function={function} REFUSED err={err:.1e}");
-                continue;
-            }
-            Err(why) => {
-                println!("variant={variant} function={function} REFUSED {why:#}");
-                continue;
-            }
+        let Some(err) = accepted(
+            &variant,
+            function,
+            run(&module, inp).and_then(|out| relative_error(&out, expected)),
+        ) else {
+            continue;
         };
         let ms = median_ms(options.reps, || run(&module, inp).map(drop))?;
         println!("variant={variant} function={function} ms={ms:.4} err={err:.1e}");

@@ -30,10 +30,10 @@ use safetensors::SafeTensors;
 
 #[path = "../../common/median.rs"]
 mod median;
+#[path = "../../common/variants.rs"]
+mod variants;
 use median::median_ms;
-
-/// Largest `max |peer - swak| / max |swak|` accepted (f32 sums in another order).
-const TOLERANCE: f64 = 1e-4;
+use variants::{accepted, variants};
 
 struct Options {
     lib: PathBuf,
@@ -147,31 +147,12 @@ fn fastest(
     expected: &(Vec<i64>, Vec<f32>),
 ) -> Result<Timed> {
     let prefix = format!("{}.{function}.", options.mixer);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&options.dir)
-        .with_context(|| format!("{}", options.dir.display()))?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            name.starts_with(&prefix) && name.ends_with(".onnx")
-        })
-        .collect();
-    files.sort();
     let mut best: Option<Timed> = None;
-    for file in files {
-        let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let variant = name[prefix.len()..name.len() - ".onnx".len()].to_string();
+    for (variant, file) in variants(&options.dir, &prefix, ".onnx")? {
         let mut session = session(environment, &file, options)
             .with_context(|| format!("loading {}", file.display()))?;
-        let err = match check(&mut session, inp, expected) {
-            Ok(err) if err <= TOLERANCE => err,
-            Ok(err) => {
-                println!("variant={variant} function={function} REFUSED err={err:.1e}");
-                continue;
-            }
-            Err(why) => {
-                println!("variant={variant} function={function} REFUSED {why:#}");
-                continue;
-            }
+        let Some(err) = accepted(&variant, function, check(&mut session, inp, expected)) else {
+            continue;
         };
         let ms = median_ms(options.reps, || {
             session.run(ort::inputs![inp])?;
