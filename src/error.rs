@@ -80,9 +80,28 @@ pub enum MixError {
         source: std::io::Error,
     },
 
-    /// libtorch refused an operation.
-    #[error(transparent)]
+    /// libtorch refused an operation. The message is libtorch's without its C++ stack frames
+    /// (the whole text stays in the source [`TchError`]).
+    #[error("{}", torch_message(.0))]
     Torch(#[from] TchError),
+}
+
+/// A libtorch error's message up to where its C++ backtrace starts (`Exception raised from ...`,
+/// `frame #0: ...`); other tch errors as tch words them.
+fn torch_message(error: &TchError) -> String {
+    let TchError::Torch(text) = error else {
+        return error.to_string();
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .take_while(|line| {
+            let line = line.trim_start();
+            !line.starts_with("Exception raised from") && !line.starts_with("frame #")
+        })
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    let message = kept.join(" ");
+    format!("libtorch: {}", if message.is_empty() { text.trim() } else { message.trim() })
 }
 
 fn strict_report(
@@ -102,6 +121,39 @@ fn strict_report(
     }
     report.pop();
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtorch_errors_keep_their_message_and_drop_the_cpp_frames() {
+        let text = "[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: not enough \
+                    memory: you tried to allocate 1099511627776 bytes.\nframe #0: \
+                    c10::ThrowEnforceNotMet(char const*, int) + 0x55 (0x7f in libc10.so)\n\
+                    frame #1: <unknown function> + 0x1";
+        let message = MixError::from(TchError::Torch(text.to_string())).to_string();
+        assert_eq!(
+            message,
+            "libtorch: [enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: not \
+             enough memory: you tried to allocate 1099511627776 bytes."
+        );
+        let text = "shape '[2, 3]' is invalid for input of size 5\nException raised from \
+                    infer_size_impl at aten/src/ATen/InferSize.h:98 (most recent call first):\n\
+                    frame #0: c10::Error::Error";
+        let message = MixError::from(TchError::Torch(text.to_string())).to_string();
+        assert_eq!(message, "libtorch: shape '[2, 3]' is invalid for input of size 5");
+    }
+
+    #[test]
+    fn a_real_libtorch_error_reaches_the_user_without_frames() {
+        let t = tch::Tensor::zeros([5], (tch::Kind::Float, tch::Device::Cpu));
+        let error = MixError::from(t.f_view([2, 3]).unwrap_err()).to_string();
+        assert!(error.starts_with("libtorch: "), "{error}");
+        assert!(error.contains("invalid for input of size 5"), "{error}");
+        assert!(!error.contains("frame #") && !error.contains('\n'), "{error}");
+    }
 }
 
 /// Shorthand for results of tch-mix.
