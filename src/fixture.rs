@@ -1,11 +1,34 @@
-//! Parity fixtures (`tch-mix-fixture/1`) and their check, as used by `tch-mix check` and the tests.
+//! Parity fixtures (`tch-mix-fixture/2`, version 1 still read) and their check, as used by
+//! `tch-mix check` and the tests.
 //!
-//! A fixture is one `.safetensors` file written by `scripts/export_fixture.py` from a real swak
-//! mixer. Its `__metadata__` (all strings) describes the mixer: `format`, `mixer` (`global`,
-//! `instance`, `cross`, `self`), `mod_dim`, `n_features`, `n_heads`, `bias`, `dropout`, `skip`,
-//! `keep_dim`, `dtype`. Its tensors are `state.<key>` for every `state_dict()` entry, `input`, an
-//! optional `mask`, `output` (eval forward), `importance`, and an optional gradient block:
-//! `cotangent`, `grad.input` and `grad.state.<key>`, the gradients of `(output * cotangent).sum()`.
+//! A fixture is one `.safetensors` file written by the Python package `tch-mix-tools`
+//! (`tch_mix_tools.export_fixture`) from a real swak mixer. Its `__metadata__` (all strings)
+//! describes the mixer: `format`, `mixer` (`global`, `instance`, `cross`, `self`), `mod_dim`,
+//! `n_features`, `n_heads`, `bias`, `dropout`, `skip`, `keep_dim`, `dtype`, and `truth`
+//! (`float64`) where it carries the truth. Its tensors are `state.<key>` for every `state_dict()`
+//! entry, `input`, an optional `mask`, `output` (eval forward), `importance`, and an optional
+//! gradient block: `cotangent`, `grad.input` and `grad.state.<key>`, the gradients of
+//! `(output * cotangent).sum()`. Everything in it is computed by swak:
+//!
+//! - `truth.<name>` for each of those results: swak's result in float64, from the same weights,
+//!   input, mask and cotangent, on the mixer copied to float64 (fixtures in float32, float16 and
+//!   bfloat16). Where it is present, [`Fixture::check`] judges tch-mix by its distance to the
+//!   truth against swak's own distance ([`Rule::Truth`]); elsewhere elementwise against swak's
+//!   values ([`Rule::Elementwise`]).
+//! - `ignore.<name>` (bool, the shape of `<name>`): values that depend on the order of
+//!   floating-point sums (a softmax saturated or overflowed by a huge input), left out.
+//!
+//! ```no_run
+//! # fn main() -> tch_mix::Result<()> {
+//! use tch_mix::fixture::Fixture;
+//! let report = Fixture::read("mix.safetensors")?.check(tch::Device::Cpu)?;
+//! for comparison in &report.comparisons {
+//!     println!("{comparison}"); // output: tch-mix 1.7e-4, swak 2.3e-4 from the float64 truth ...
+//! }
+//! assert!(report.passed());
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,25 +39,89 @@ use crate::checkpoint::{self, Sniffed, StateDict};
 use crate::error::{MixError, Result};
 use crate::{Mixer, Spec};
 
-/// The value of the `format` metadata entry this version reads and writes.
-pub const FORMAT: &str = "tch-mix-fixture/1";
+/// The value of the `format` metadata entry this version writes.
+pub const FORMAT: &str = "tch-mix-fixture/2";
 
-/// Absolute and relative tolerance: `|actual - expected| <= atol + rtol * |expected|`, elementwise.
+/// Every `format` this version reads: version 1 (no truth, no `ignore.*`) and [`FORMAT`].
+pub const FORMATS: [&str; 2] = ["tch-mix-fixture/1", FORMAT];
+
+/// The multiple of swak's own error that tch-mix's error from the float64 truth may reach.
+///
+/// Both are float roundings of one computation, so their errors are of one size; over every
+/// fixture of the grid, the NaN/Inf set and the trained-scale set, regenerated for many seeds,
+/// tch-mix's error stays below 2x swak's (the README's tolerance section has the table). A real
+/// mistake (a swapped head, a dropped bias, a mask off by one feature) moves a value by a sizeable
+/// fraction of the tensor's scale, thousands of times swak's rounding.
+pub const TRUTH_MULTIPLE: f64 = 4.0;
+
+/// The floor added to [`TRUTH_MULTIPLE`] times swak's error, in units of the dtype's machine
+/// epsilon times the tensor's largest magnitude: where swak happens to round exactly (or a
+/// tensor is tiny), a few units in the last place of tch-mix's still pass.
+pub const TRUTH_FLOOR_EPS: f64 = 16.0;
+
+/// Absolute and relative tolerance of the elementwise rule, applied where a fixture has no
+/// float64 truth (version 1 files, float64 fixtures):
+/// `|actual - expected| <= atol * max(1, scale) + rtol * |expected|`, where `scale` is the
+/// largest finite magnitude of the expected tensor.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Tolerance {
-    /// Absolute tolerance.
+    /// Absolute tolerance (for tensors of magnitude up to 1; it grows with larger ones).
     pub atol: f64,
     /// Relative tolerance.
     pub rtol: f64,
 }
 
-/// The tolerance tch-mix promises against swak for a dtype (the README's table).
+/// The elementwise tolerance tch-mix promises against swak for a dtype (the README's table).
 pub fn tolerance(kind: Kind) -> Tolerance {
     match kind {
         Kind::Double => Tolerance { atol: 1e-12, rtol: 1e-10 },
         Kind::Float => Tolerance { atol: 1e-5, rtol: 1e-5 },
         Kind::Half => Tolerance { atol: 1e-3, rtol: 1e-3 },
         _ => Tolerance { atol: 1e-2, rtol: 1.6e-2 },
+    }
+}
+
+/// The machine epsilon of a floating-point dtype (the gap between 1 and the next number).
+pub fn epsilon(kind: Kind) -> f64 {
+    match kind {
+        Kind::Double => f64::EPSILON,
+        Kind::Half => 2f64.powi(-10),
+        Kind::BFloat16 => 2f64.powi(-7),
+        _ => f64::from(f32::EPSILON),
+    }
+}
+
+/// How a [`Comparison`] was judged.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rule {
+    /// tch-mix's largest error from the float64 truth (computed by swak in float64 from the same
+    /// weights and input) is at most `multiple` times swak's own plus `floor` times the truth's
+    /// largest magnitude ([`TRUTH_MULTIPLE`], [`TRUTH_FLOOR_EPS`] times the dtype's epsilon).
+    Truth {
+        /// The multiple of swak's error allowed.
+        multiple: f64,
+        /// The floor, relative to the tensor's scale.
+        floor: f64,
+    },
+    /// Every element within a [`Tolerance`] of swak's value.
+    Elementwise(Tolerance),
+}
+
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rule::Truth { multiple, floor } => {
+                write!(
+                    f,
+                    "float64 truth: tch-mix's error <= {multiple} x swak's + {floor:.1e} x scale"
+                )
+            }
+            Rule::Elementwise(t) => write!(
+                f,
+                "elementwise: |tch-mix - swak| <= {:.0e} x max(1, scale) + {:.0e} x |swak|",
+                t.atol, t.rtol
+            ),
+        }
     }
 }
 
@@ -62,14 +149,63 @@ pub struct Fixture {
 /// One compared tensor of a check.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Comparison {
-    /// `output`, `importance`, `grad.input` or `grad.state.<key>`.
+    /// `output`, `importance`, `grad.input`, `grad.state.<key>`, `output (no grad)` or
+    /// `importance (both)`.
     pub name: String,
-    /// Largest absolute difference (infinite if the shapes differ).
+    /// The rule that judged it.
+    pub rule: Rule,
+    /// Largest absolute difference from swak's value (infinite if the shapes or the
+    /// NaN/infinity pattern differ), over the elements compared.
     pub max_abs: f64,
-    /// Largest difference relative to the reference's magnitude, over non-zero reference values.
+    /// Largest difference from swak's value relative to its magnitude, over non-zero values.
     pub max_rel: f64,
-    /// Whether every element lies within the tolerance.
+    /// Under [`Rule::Truth`]: tch-mix's and swak's largest errors from the truth, and the error
+    /// the rule allows tch-mix.
+    pub truth: Option<TruthErrors>,
+    /// Elements whose NaN/infinity pattern differs from swak's (NaN, +inf, -inf, finite).
+    pub mismatched: usize,
+    /// Elements the fixture's `ignore.<name>` leaves out: values that depend on the order of
+    /// floating-point sums, defined by no implementation.
+    pub ignored: usize,
+    /// How much of what the rule allows tch-mix's largest error uses: at most 1 passes
+    /// (infinite for a mismatch of shape or of the NaN/infinity pattern).
+    pub used: f64,
+    /// Whether it passed.
     pub passed: bool,
+}
+
+/// The errors of a [`Rule::Truth`] comparison, over the elements finite in tch-mix's result,
+/// swak's and the truth.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TruthErrors {
+    /// tch-mix's largest absolute error from the truth.
+    pub tch_mix: f64,
+    /// swak's largest absolute error from the truth (in the fixture's dtype).
+    pub swak: f64,
+    /// The largest the rule allows for tch-mix.
+    pub allowed: f64,
+}
+
+impl std::fmt::Display for Comparison {
+    /// `name: tch-mix 1.7e-04, swak 2.3e-04 from the float64 truth (allowed 9.4e-04)`, or
+    /// `name: 1.2e-14 from swak (elementwise)`, with what was left out.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.truth {
+            Some(t) => write!(
+                f,
+                "{}: tch-mix {:.1e}, swak {:.1e} from the float64 truth (allowed {:.1e})",
+                self.name, t.tch_mix, t.swak, t.allowed
+            )?,
+            None => write!(f, "{}: {:.1e} from swak (elementwise)", self.name, self.max_abs)?,
+        }
+        if self.mismatched > 0 {
+            write!(f, ", {} NaN/inf differ from swak's", self.mismatched)?;
+        }
+        if self.ignored > 0 {
+            write!(f, ", {} values left out (order of sums)", self.ignored)?;
+        }
+        Ok(())
+    }
 }
 
 /// The result of checking one fixture.
@@ -79,8 +215,8 @@ pub struct Report {
     pub mixer: String,
     /// The dtype name (`float32`, ...).
     pub dtype: String,
-    /// The tolerance applied.
-    pub tolerance: Tolerance,
+    /// The rule applied: [`Rule::Truth`] where the fixture carries the float64 truth.
+    pub rule: Rule,
     /// Every compared tensor.
     pub comparisons: Vec<Comparison>,
     /// What tch-mix computed, under the fixture's names (`output`, `importance`, `grad.*`).
@@ -93,9 +229,9 @@ impl Report {
         self.comparisons.iter().all(|c| c.passed)
     }
 
-    /// The comparison with the largest absolute error.
+    /// The comparison that uses the most of what its rule allows ([`Comparison::used`]).
     pub fn worst(&self) -> Option<&Comparison> {
-        self.comparisons.iter().max_by(|a, b| a.max_abs.total_cmp(&b.max_abs))
+        self.comparisons.iter().max_by(|a, b| a.used.total_cmp(&b.used))
     }
 
     /// Writes [`Report::computed`] to a safetensors file.
@@ -120,8 +256,9 @@ impl Fixture {
         let not_a_fixture = |what: &str| MixError::Format {
             path: path.display().to_string(),
             reason: format!(
-                "{what}, not a {FORMAT} fixture (a safetensors file written by \
-                 scripts/export_fixture.py; `--weights` there takes a torch.save file)"
+                "{what}, not a tch-mix fixture (a safetensors file written by \
+                 tch_mix_tools.export_fixture; `tch-mix-export-fixture --weights` takes a \
+                 torch.save file)"
             ),
         };
         match checkpoint::sniff(bytes.get(..4).unwrap_or(&bytes)) {
@@ -133,8 +270,8 @@ impl Fixture {
         let fixture =
             Self { path: path.to_path_buf(), metadata, tensors: tensors.into_iter().collect() };
         let format = fixture.meta("format")?;
-        if format != FORMAT {
-            return Err(fixture.error(format!("format {format:?}, expected {FORMAT:?}")));
+        if !FORMATS.contains(&format) {
+            return Err(fixture.error(format!("format {format:?}, expected one of {FORMATS:?}")));
         }
         Ok(fixture)
     }
@@ -299,27 +436,88 @@ impl Fixture {
             computed.push(("output".to_string(), output));
             computed.push(("importance".to_string(), importance));
         }
-        let tolerance = tolerance(kind);
-        let mut comparisons = Vec::with_capacity(computed.len());
-        for (name, actual) in &computed {
-            comparisons.push(compare(name, actual, self.tensor(name)?, tolerance)?);
-        }
+        let has_truth = self.has_truth()?;
+        let rule = if has_truth {
+            Rule::Truth { multiple: TRUTH_MULTIPLE, floor: TRUTH_FLOOR_EPS * epsilon(kind) }
+        } else {
+            Rule::Elementwise(tolerance(kind))
+        };
         // Inference (no autograd) may take other paths than training: compare it as well, and
         // the one call that returns both.
         let (output, both_importance) =
             tch::no_grad(|| mixer.f_forward_and_importance_t(&inp, mask.as_ref(), false))?;
-        let expected = self.tensor("output")?;
-        comparisons.push(compare("output (no grad)", &output, expected, tolerance)?);
-        let expected = self.tensor("importance")?;
-        comparisons.push(compare("importance (both)", &both_importance, expected, tolerance)?);
+        let inference = [
+            ("output (no grad)", "output", &output),
+            ("importance (both)", "importance", &both_importance),
+        ];
+        let mut comparisons = Vec::with_capacity(computed.len() + inference.len());
+        let named = computed.iter().map(|(name, t)| (name.as_str(), name.as_str(), t));
+        for (label, name, actual) in named.chain(inference) {
+            let expected = self.tensor(name)?;
+            let ignore = self.ignore_mask(name, expected)?;
+            let truth = if has_truth { Some(self.truth_of(name, expected)?) } else { None };
+            comparisons.push(judge(label, actual, expected, truth, ignore, rule)?);
+        }
         Ok(Report {
             mixer: self.meta("mixer")?.to_string(),
             dtype: self.meta("dtype")?.to_string(),
-            tolerance,
+            rule,
             comparisons,
             computed,
         })
     }
+
+    /// Whether the fixture carries the float64 truth (metadata `truth` = `float64`); then every
+    /// compared tensor has its `truth.<name>`.
+    pub fn has_truth(&self) -> Result<bool> {
+        match self.metadata.get("truth").map(String::as_str) {
+            None => Ok(false),
+            Some("float64") => Ok(true),
+            Some(other) => {
+                Err(self.error(format!("metadata \"truth\" = {other:?}, expected \"float64\"")))
+            }
+        }
+    }
+
+    /// `truth.<name>`, which must be a floating-point tensor of the shape of `<name>`.
+    fn truth_of(&self, name: &str, expected: &Tensor) -> Result<&Tensor> {
+        let truth = self.tensor(&format!("truth.{name}"))?;
+        if truth.size() != expected.size() || !is_float(truth.kind()) {
+            return Err(self.error(format!(
+                "truth.{name} is {:?} {:?}, expected a floating-point tensor of {name}'s shape {:?}",
+                truth.kind(),
+                truth.size(),
+                expected.size()
+            )));
+        }
+        Ok(truth)
+    }
+
+    /// `ignore.<name>` where present: a bool tensor of the shape of `<name>`.
+    fn ignore_mask(&self, name: &str, expected: &Tensor) -> Result<Option<&Tensor>> {
+        let Some(ignore) = self.tensors.get(&format!("ignore.{name}")) else {
+            return Ok(None);
+        };
+        if ignore.kind() != Kind::Bool || ignore.size() != expected.size() {
+            return Err(self.error(format!(
+                "ignore.{name} is {:?} {:?}, expected a bool tensor of {name}'s shape {:?}",
+                ignore.kind(),
+                ignore.size(),
+                expected.size()
+            )));
+        }
+        Ok(Some(ignore))
+    }
+
+    /// Replaces (or adds) the tensor `name`, returning the one it replaced: for tests that
+    /// inject a mistake (changed weights, a mask off by one feature) and must see the check fail.
+    pub fn replace_tensor(&mut self, name: &str, tensor: Tensor) -> Option<Tensor> {
+        self.tensors.insert(name.to_string(), tensor)
+    }
+}
+
+fn is_float(kind: Kind) -> bool {
+    matches!(kind, Kind::Double | Kind::Float | Kind::Half | Kind::BFloat16)
 }
 
 /// The gradient accumulated on `t`, zeros where `t` did not take part in the loss.
@@ -328,33 +526,105 @@ fn gradient(t: &Tensor) -> Result<Tensor> {
     Ok(if grad.defined() { grad } else { t.f_zeros_like()? })
 }
 
-/// Compares `actual` with `expected` elementwise in f64 on the CPU. NaNs match NaNs.
+/// Compares `actual` with swak's `expected` elementwise ([`Rule::Elementwise`]), in f64 on the
+/// CPU: NaN must meet NaN and an infinity the same infinity; finite values must lie within
+/// `tolerance` (whose `atol` grows with the tensor's largest finite magnitude).
 pub fn compare(
     name: &str,
     actual: &Tensor,
     expected: &Tensor,
     tolerance: Tolerance,
 ) -> Result<Comparison> {
-    if actual.size() != expected.size() {
-        return Ok(Comparison {
-            name: name.to_string(),
-            max_abs: f64::INFINITY,
-            max_rel: f64::INFINITY,
-            passed: false,
-        });
+    judge(name, actual, expected, None, None, Rule::Elementwise(tolerance))
+}
+
+/// Compares `actual` and swak's `expected` with the float64 `truth` ([`Rule::Truth`] with
+/// [`TRUTH_MULTIPLE`] and [`TRUTH_FLOOR_EPS`] for `expected`'s dtype): NaN and infinities must
+/// sit where swak's do; over the values finite in all three, tch-mix's largest error from the
+/// truth must stay within the multiple of swak's plus the floor.
+pub fn compare_to_truth(
+    name: &str,
+    actual: &Tensor,
+    expected: &Tensor,
+    truth: &Tensor,
+) -> Result<Comparison> {
+    let floor = TRUTH_FLOOR_EPS * epsilon(expected.kind());
+    judge(
+        name,
+        actual,
+        expected,
+        Some(truth),
+        None,
+        Rule::Truth { multiple: TRUTH_MULTIPLE, floor },
+    )
+}
+
+/// The values of `t` as f64, flattened, on the CPU.
+fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
+    let flat = t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Double)?.f_flatten(0, -1)?;
+    Ok(Vec::<f64>::try_from(&flat)?)
+}
+
+/// NaN, +inf, -inf or finite.
+fn class(x: f64) -> u8 {
+    match x {
+        _ if x.is_nan() => 0,
+        f64::INFINITY => 1,
+        f64::NEG_INFINITY => 2,
+        _ => 3,
     }
-    let to_f64 = |t: &Tensor| -> Result<Vec<f64>> {
-        let flat = t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Double)?.f_flatten(0, -1)?;
-        Ok(Vec::<f64>::try_from(&flat)?)
+}
+
+/// One comparison under `rule` (`truth` is given for [`Rule::Truth`]), leaving out the elements
+/// where `ignore` is true.
+fn judge(
+    name: &str,
+    actual: &Tensor,
+    expected: &Tensor,
+    truth: Option<&Tensor>,
+    ignore: Option<&Tensor>,
+    rule: Rule,
+) -> Result<Comparison> {
+    let mut comparison = Comparison {
+        name: name.to_string(),
+        rule,
+        max_abs: f64::INFINITY,
+        max_rel: f64::INFINITY,
+        truth: None,
+        mismatched: 0,
+        ignored: 0,
+        used: f64::INFINITY,
+        passed: false,
     };
-    let (actual, expected) = (to_f64(actual)?, to_f64(expected)?);
-    let (mut max_abs, mut max_rel, mut passed) = (0.0f64, 0.0f64, true);
-    for (&a, &e) in actual.iter().zip(&expected) {
-        if a.is_nan() || e.is_nan() {
-            if a.is_nan() != e.is_nan() {
-                passed = false;
-                max_abs = f64::INFINITY;
-            }
+    if actual.size() != expected.size() {
+        return Ok(comparison);
+    }
+    let (a, e) = (to_f64(actual)?, to_f64(expected)?);
+    let t = match (rule, truth) {
+        (Rule::Truth { .. }, Some(truth)) => to_f64(truth)?,
+        (Rule::Truth { .. }, None) => {
+            return Err(MixError::Config(format!("{name}: the truth rule needs a truth")))
+        }
+        (Rule::Elementwise(_), _) => Vec::new(),
+    };
+    let skip = match ignore {
+        Some(ignore) => Vec::<bool>::try_from(&ignore.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?,
+        None => Vec::new(),
+    };
+    let (mut max_abs, mut max_rel, mut scale) = (0.0f64, 0.0f64, 0.0f64);
+    let (mut mismatched, mut ignored) = (0, 0);
+    // Pairs of finite values to judge: (tch-mix, swak, truth or NaN).
+    let mut finite = Vec::with_capacity(a.len());
+    for (i, (&a, &e)) in a.iter().zip(&e).enumerate() {
+        if skip.get(i).copied().unwrap_or(false) {
+            ignored += 1;
+            continue;
+        }
+        if class(a) != class(e) {
+            mismatched += 1;
+            continue;
+        }
+        if !a.is_finite() {
             continue;
         }
         let diff = if a == e { 0.0 } else { (a - e).abs() };
@@ -362,7 +632,47 @@ pub fn compare(
         if e != 0.0 {
             max_rel = max_rel.max(diff / e.abs());
         }
-        passed &= diff <= tolerance.atol + tolerance.rtol * e.abs();
+        let t = t.get(i).copied().unwrap_or(f64::NAN);
+        match rule {
+            Rule::Truth { .. } if t.is_finite() => scale = scale.max(t.abs()),
+            Rule::Truth { .. } => continue,
+            Rule::Elementwise(_) => scale = scale.max(e.abs()),
+        }
+        finite.push((a, e, t));
     }
-    Ok(Comparison { name: name.to_string(), max_abs, max_rel, passed })
+    comparison.mismatched = mismatched;
+    comparison.ignored = ignored;
+    if mismatched > 0 {
+        return Ok(comparison);
+    }
+    comparison.max_abs = max_abs;
+    comparison.max_rel = max_rel;
+    comparison.used = match rule {
+        Rule::Elementwise(tolerance) => {
+            let atol = tolerance.atol * scale.max(1.0);
+            let used = |&(a, e, _): &(f64, f64, f64)| {
+                let diff = if a == e { 0.0 } else { (a - e).abs() };
+                diff / (atol + tolerance.rtol * e.abs())
+            };
+            finite.iter().map(used).fold(0.0, f64::max)
+        }
+        Rule::Truth { multiple, floor } => {
+            let (mut tch_mix, mut swak) = (0.0f64, 0.0f64);
+            for &(a, e, t) in &finite {
+                tch_mix = tch_mix.max((a - t).abs());
+                swak = swak.max((e - t).abs());
+            }
+            let allowed = multiple * swak + floor * scale;
+            comparison.truth = Some(TruthErrors { tch_mix, swak, allowed });
+            if tch_mix == 0.0 {
+                0.0
+            } else if allowed == 0.0 {
+                f64::INFINITY
+            } else {
+                tch_mix / allowed
+            }
+        }
+    };
+    comparison.passed = comparison.used <= 1.0;
+    Ok(comparison)
 }
