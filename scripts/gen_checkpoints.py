@@ -11,8 +11,8 @@
 - legacy.pt: the pre-zip ``torch.save`` format.
 - checkpoint.pt: what swak's ``Checkpoint.save`` writes (epoch, loss, the float32 model's state
   dict under ``model``, an Adam optimizer's state after one step, a StepLR scheduler's state);
-  checkpoint-meta.pt the same with the model's mixer metadata added by scripts/save_swak.py.
-- saved-swak.{pt,safetensors}: the float32 model saved by scripts/save_swak.py (with metadata).
+  checkpoint-meta.pt the same with the model's mixer metadata added by tch_mix_tools.save.
+- saved-swak.{pt,safetensors}: the float32 model saved by tch_mix_tools.save (with metadata).
 - model-saver.pt: swak's ``ModelSaver`` (a whole pickled module, to be refused).
 - ordered-dict.pt: ``torch.save`` of an OrderedDict of 40 small tensors (every dtype tch-mix
   writes, 0-d to 4-d, empty ones; values ``arange``), whose data.pkl tch-mix's writer must
@@ -27,7 +27,6 @@ import pickle
 import zipfile
 
 import collections
-import sys
 
 import torch
 from safetensors.torch import save_file
@@ -35,8 +34,7 @@ from swak.pt.io import ModelSaver
 from swak.pt.mix import InstanceWeightsMixer
 from swak.pt.train import Checkpoint
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from save_swak import add_metadata, save  # noqa: E402
+from tch_mix_tools import add_metadata, save
 
 # The tensors of ordered-dict.pt, rebuilt by tests/saving.rs: key t<i>, dtype and shape cycling.
 ORDERED_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64,

@@ -10,13 +10,13 @@ one). For each mixer:
 1. Rust -> swak: the example trains the Rust model a few Adam steps and saves it
    (``rust.safetensors``, ``rust.pt``). Both load into the PyTorch model with
    ``load_state_dict(strict=True)`` (the ``.pt`` through ``torch.load(weights_only=True)``), carry
-   the mixer's hyper-parameters as ``scripts/save_swak.py`` writes them, and give Rust's output
+   the mixer's hyper-parameters as ``tch_mix_tools.save`` writes them, and give Rust's output
    and importance on Rust's input. The ``.pt``'s ``data.pkl`` is byte for byte what
    ``torch.save`` writes for the same ``OrderedDict``, and ``torch.load`` also reads it with
    ``mmap=True`` and ``map_location="meta"``.
 2. swak -> Rust -> swak: the PyTorch model is trained a few steps and saved four ways:
-   ``torch.save(state_dict)`` (no metadata), ``save_swak.save`` to ``.safetensors`` and ``.pt``,
-   and swak's ``Checkpoint`` (its metadata added by ``save_swak.add_metadata``). Rust loads each
+   ``torch.save(state_dict)`` (no metadata), ``tch_mix_tools.save`` to ``.safetensors`` and ``.pt``,
+   and swak's ``Checkpoint`` (its metadata added by ``tch_mix_tools.add_metadata``). Rust loads each
    (strictly, checking the metadata where there is some), gives swak's output on swak's input,
    and saves it again; swak loads what Rust saved with ``strict=True``: the same bits, the same
    output.
@@ -29,7 +29,6 @@ import collections
 import io
 import pathlib
 import subprocess
-import sys
 import tempfile
 import zipfile
 
@@ -38,8 +37,7 @@ from safetensors.torch import load_file
 from swak.pt.mix import CrossAttentionMixer, GlobalWeightsMixer, InstanceWeightsMixer, SelfAttentionMixer
 from swak.pt.train import Checkpoint
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from save_swak import add_metadata, metadata, read_metadata, save  # noqa: E402
+from tch_mix_tools import add_metadata, metadata, read_metadata, save
 
 # As in examples/train_roundtrip.rs.
 FEATURES, INPUT, DIM, BATCH = 3, 5, 8, 16

@@ -12,13 +12,11 @@ Writes to examples/demo/ (or --out):
 """
 import argparse
 import pathlib
-import sys
 
 import torch
 from swak.pt.mix import CrossAttentionMixer, GlobalWeightsMixer, InstanceWeightsMixer, SelfAttentionMixer
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from export_fixture import export_fixture  # noqa: E402
+from tch_mix_tools import export_fixture
 
 N_FEATURES, MOD_DIM, INFORMATIVE = 6, 8, (1, 4)
 MIXERS = {

@@ -123,6 +123,9 @@ fn strict_report(
     report
 }
 
+/// Shorthand for results of tch-mix.
+pub type Result<T> = std::result::Result<T, MixError>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +158,3 @@ mod tests {
         assert!(!error.contains("frame #") && !error.contains('\n'), "{error}");
     }
 }
-
-/// Shorthand for results of tch-mix.
-pub type Result<T> = std::result::Result<T, MixError>;

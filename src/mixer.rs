@@ -103,7 +103,7 @@ pub trait Mixer: std::fmt::Debug + Send {
     /// inside a bigger model, pass `state.sub("mix")`.
     ///
     /// Where the state's metadata describes a mixer at its root ([`StateDict::spec`], as in
-    /// files that tch-mix or `scripts/save_swak.py` wrote), that mixer must be of this one's
+    /// files that tch-mix or `tch_mix_tools.save` wrote), that mixer must be of this one's
     /// class and hyper-parameters (dropout aside): else an error names both, and nothing is
     /// copied. A state without that metadata loads on keys and shapes alone.
     fn load_state(&self, state: &StateDict) -> Result<()> {

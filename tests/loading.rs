@@ -290,7 +290,7 @@ fn whole_pickled_modules_are_refused_with_a_hint_to_save_the_state_dict() {
 
 #[test]
 fn python_saved_metadata_is_read_and_checked() {
-    // scripts/save_swak.py: safetensors __metadata__, the .pt's tch_mix.json entry, and the same
+    // tch_mix_tools.save: safetensors __metadata__, the .pt's tch_mix.json entry, and the same
     // entry appended to a swak Checkpoint.
     let expected =
         InstanceWeightsMixer::new(&nn::VarStore::new(Device::Cpu).root(), 4, 3, Default::default())

@@ -1,20 +1,25 @@
-#!/usr/bin/env python3
-"""Export a tch-mix parity fixture (format ``tch-mix-fixture/1``) from a swak mixer.
+"""Export a tch-mix parity fixture (format ``tch-mix-fixture/2``) from a swak mixer.
 
 As a library::
 
-    from export_fixture import export_fixture
+    from tch_mix_tools import export_fixture
     export_fixture(model.mix, batch, "mix.safetensors", mask=None)
 
 From the command line, the mixer is rebuilt from its hyper-parameters and loaded (strictly) with
 trained weights, e.g. the mixer ``mix`` inside a model saved with ``torch.save(model.state_dict())``::
 
-    export_fixture.py --mixer instance --mod-dim 16 --n-features 4 --weights model.pt --prefix mix \
-        --input batch.pt --out mix.safetensors
+    tch-mix-export-fixture --mixer instance --mod-dim 16 --n-features 4 --weights model.pt \
+        --prefix mix --input batch.pt --out mix.safetensors
 
 The fixture holds ``state.<key>`` for every ``state_dict()`` entry, ``input``, optional ``mask``,
 ``output`` (eval forward), ``importance`` and, unless ``--no-gradients``, ``cotangent``,
 ``grad.input`` and ``grad.state.<key>``: the gradients of ``(output * cotangent).sum()``.
+For a mixer below float64 it also holds the truth: ``truth.<name>`` for each of those results,
+computed by swak in float64 on a float64 copy of the mixer from the same weights, input, mask and
+cotangent (metadata ``truth`` = ``float64``). ``tch-mix check`` judges tch-mix by its distance
+to that truth against swak's own. ``ignore.<name>`` (bool, optional) marks values that depend on
+the order of floating-point sums, which the check leaves out.
+
 Outputs are computed with autograd enabled, which keeps PyTorch's attention on its regular
 (SDPA) path rather than the inference fast path. Where tch-mix deliberately differs from swak,
 the fixture holds tch-mix's defined value, derived from swak's own numbers:
@@ -25,6 +30,7 @@ the fixture holds tch-mix's defined value, derived from swak's own numbers:
   swak's importance is NaN there, the fixture's is 0.
 """
 import argparse
+import copy
 import importlib.metadata
 
 import torch
@@ -36,9 +42,9 @@ from swak.pt.mix import (
     SelfAttentionMixer,
 )
 
-from save_swak import MIXERS, mixer_metadata
+from .save import MIXERS, mixer_metadata
 
-FORMAT = "tch-mix-fixture/1"
+FORMAT = "tch-mix-fixture/2"
 DTYPES = {
     torch.float64: "float64",
     torch.float32: "float32",
@@ -49,7 +55,7 @@ DTYPES = {
 
 def metadata(mixer) -> dict[str, str]:
     """The fixture's ``__metadata__`` describing a swak mixer: its hyper-parameters as
-    ``save_swak.mixer_metadata`` writes them, the format, the dtype and the versions."""
+    ``mixer_metadata`` writes them, the format, the dtype and the versions."""
     return {
         "format": FORMAT,
         **mixer_metadata(mixer),
@@ -59,24 +65,66 @@ def metadata(mixer) -> dict[str, str]:
     }
 
 
-def export_fixture(mixer, inp, path, mask=None, gradients=True, seed=0):
-    """Run ``mixer`` (in eval mode) on ``inp`` and write everything tch-mix compares to ``path``."""
+def export_fixture(mixer, inp, path, mask=None, *, gradients=True, seed=0, ignore=None, meta=None):
+    """Run ``mixer`` (in eval mode) on ``inp`` and write everything tch-mix compares to ``path``.
+
+    ``inp`` is cast to the mixer's dtype and device; ``mask`` (bool, True = ignore the feature,
+    or float, added to the attention scores) has the input's shape without the last dimension.
+    ``gradients`` adds the gradient block for a cotangent drawn with ``seed``. ``ignore`` maps
+    result names (``output``, ``grad.input``, ...) to bool tensors of their shape: True where a
+    value depends on the order of floating-point sums and is not to be compared. ``meta`` adds
+    entries to the metadata (strings).
+    """
     mixer.eval()
-    tensors = {f"state.{k}": v.detach().clone().contiguous() for k, v in mixer.state_dict().items()}
     inp = inp.detach().to(device=mixer.device, dtype=mixer.dtype)
+    if mask is not None:
+        mask = mask.detach().to(device=mixer.device)
+    cotangent = None
+    if gradients:
+        with torch.no_grad():
+            shape = call(mixer.forward, mixer, inp, mask).shape
+        generator = torch.Generator().manual_seed(seed)
+        cotangent = torch.randn(shape, generator=generator).to(mixer.dtype)
+    tensors = {f"state.{k}": v.detach().clone().contiguous() for k, v in mixer.state_dict().items()}
     tensors["input"] = inp.clone().contiguous()
     if mask is not None:
-        tensors["mask"] = mask.detach().clone().contiguous()
+        tensors["mask"] = mask.clone().contiguous()
+    if cotangent is not None:
+        tensors["cotangent"] = cotangent.contiguous()
+    tensors.update(results(mixer, inp, mask, cotangent))
+    fixture_meta = metadata(mixer)
+    if mixer.dtype != torch.float64:
+        # The same computation in float64, from the same (exactly representable) numbers.
+        exact = copy.deepcopy(mixer).double()
+        exact_mask = mask if mask is None or mask.dtype == torch.bool else mask.double()
+        exact_cotangent = None if cotangent is None else cotangent.double()
+        truth = results(exact, inp.double(), exact_mask, exact_cotangent)
+        tensors.update({f"truth.{k}": v for k, v in truth.items()})
+        fixture_meta["truth"] = "float64"
+    for name, flags in (ignore or {}).items():
+        if name not in tensors or name.startswith(("truth.", "state.", "ignore.")):
+            raise ValueError(f"ignore: {name!r} is not a result of the fixture")
+        if flags.dtype != torch.bool or tuple(flags.shape) != tuple(tensors[name].shape):
+            raise ValueError(
+                f"ignore[{name!r}]: expected a bool tensor of shape {tuple(tensors[name].shape)}, "
+                f"got {flags.dtype} {tuple(flags.shape)}"
+            )
+        tensors[f"ignore.{name}"] = flags.detach().clone().contiguous()
+    fixture_meta.update(meta or {})
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata=fixture_meta)
+
+
+def results(mixer, inp, mask, cotangent):
+    """``output``, ``importance`` and, with a cotangent, ``grad.input`` and ``grad.state.<key>``
+    of ``mixer`` (in eval mode) on ``inp``, as tch-mix defines them."""
+    tensors = {}
     with torch.enable_grad():
-        x = inp.clone().requires_grad_(gradients)
+        x = inp.clone().requires_grad_(cotangent is not None)
         mixer.zero_grad(set_to_none=True)
         output = call(mixer.forward, mixer, x, mask)
         tensors["output"] = output.detach().clone().contiguous()
-        if gradients:
-            generator = torch.Generator().manual_seed(seed)
-            cotangent = torch.randn(output.shape, generator=generator).to(output.dtype)
+        if cotangent is not None:
             (output * cotangent).sum().backward()
-            tensors["cotangent"] = cotangent.contiguous()
             tensors["grad.input"] = grad_or_zeros(x)
             for key, parameter in mixer.named_parameters():
                 tensors[f"grad.state.{key}"] = grad_or_zeros(parameter)
@@ -86,7 +134,7 @@ def export_fixture(mixer, inp, path, mask=None, gradients=True, seed=0):
             hidden = mask if mask.dtype == torch.bool else mask.isneginf()
             importance = importance.masked_fill(hidden.all(dim=-1, keepdim=True), 0.0)
         tensors["importance"] = importance.detach().clone().contiguous()
-    save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata=metadata(mixer))
+    return tensors
 
 
 def call(method, mixer, inp, mask):
@@ -124,8 +172,8 @@ def load_tensor(path, name):
     return torch.load(path, weights_only=True)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="tch-mix-export-fixture", description=__doc__.split("\n\n")[0])
     parser.add_argument("--mixer", required=True, choices=["global", "instance", "cross", "self"])
     parser.add_argument("--mod-dim", type=int, required=True)
     parser.add_argument("--n-features", type=int, default=0, help="global and instance")
@@ -141,7 +189,7 @@ def main():
     parser.add_argument("--mask", help="padding mask (torch.save, or 'mask' in safetensors)")
     parser.add_argument("--no-gradients", action="store_true")
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     mixer = build_mixer(args)
     if args.weights:
@@ -151,7 +199,7 @@ def main():
             state = {k[len(dotted):]: v for k, v in state.items() if k.startswith(dotted)}
         mixer.load_state_dict(state, strict=True)
     mask = load_tensor(args.mask, "mask") if args.mask else None
-    export_fixture(mixer, load_tensor(args.input, "input"), args.out, mask, not args.no_gradients)
+    export_fixture(mixer, load_tensor(args.input, "input"), args.out, mask, gradients=not args.no_gradients)
     print(f"wrote {args.out}")
 
 

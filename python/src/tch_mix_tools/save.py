@@ -1,16 +1,15 @@
-#!/usr/bin/env python3
 """Save a swak model's weights with the hyper-parameters of its mixers, as tch-mix reads them.
 
-As a library (``scripts/`` on ``sys.path``)::
+As a library::
 
-    from save_swak import save, add_metadata, metadata
+    from tch_mix_tools import save, add_metadata, metadata
     save(model, "model.safetensors")     # the state dict and its mixers' metadata
     save(model, "model.pt")              # torch.save(model.state_dict()) plus the metadata entry
     add_metadata("checkpoint.pt", model) # into any torch.save file, e.g. a swak Checkpoint
 
 From the command line, to add the metadata of a model's mixers to a file already written::
 
-    save_swak.py add-metadata checkpoint.pt --mixer mix=cross --mod-dim 16 --n-heads 4
+    tch-mix-save add-metadata checkpoint.pt --mixer mix=cross --mod-dim 16 --n-heads 4
 
 The metadata is a flat dict of strings, one entry per hyper-parameter of each swak mixer in the
 model: ``tch_mix.<name>.<field>`` for the mixer at ``model.<name>`` (``tch_mix.<field>`` for a
@@ -149,8 +148,8 @@ def read_metadata(path) -> dict[str, str]:
         return file.metadata() or {}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="tch-mix-save", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser("add-metadata", help="add one mixer's metadata to a torch.save file")
     add.add_argument("file")
@@ -164,7 +163,7 @@ def main():
     add.add_argument("--dropout", type=float, default=0.0)
     add.add_argument("--no-skip", action="store_true")
     add.add_argument("--keep-dim", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     name, _, kind = args.mixer.rpartition("=")
     classes = {v: k for k, v in MIXERS.items()}
     options = dict(dropout=args.dropout, skip=not args.no_skip, keep_dim=args.keep_dim)
