@@ -266,10 +266,17 @@ impl TorchArchive {
         // zip's; a lie only costs the vector's growth).
         let reserve = limit.min(entry.size()).min(self.file_len).saturating_add(1);
         let mut data = Vec::with_capacity(usize::try_from(reserve).unwrap_or(0));
-        entry
-            .take(limit.saturating_add(1))
-            .read_to_end(&mut data)
-            .map_err(|e| format!("{name}: {e}"))?;
+        // PyTorch's writer with `compute_crc32 = False` stores a CRC-32 of 0 for every entry, and
+        // torch.load checks no CRC. Such an entry is read for its declared size and no further:
+        // the zip reader checks the CRC only when a read reaches the entry's end, which this one
+        // never asks for. A short entry still ends in an error (its CRC of 0 does not match), a
+        // longer one is cut at its declared size, and `limit + 1` bounds the read as for any
+        // entry. An entry with a CRC is checked against it.
+        let bound = match entry.crc32() {
+            0 => limit.saturating_add(1).min(entry.size()),
+            _ => limit.saturating_add(1),
+        };
+        entry.take(bound).read_to_end(&mut data).map_err(|e| format!("{name}: {e}"))?;
         Ok(Some(data))
     }
 
