@@ -54,6 +54,18 @@ fn malformed_fixture_gets_an_error_row_and_a_failing_exit() {
 }
 
 #[test]
+fn an_error_names_its_cause_once() {
+    let missing = scratch("missing").join("gone.safetensors");
+    let (code, stdout, _) = tch_mix(&["check", missing.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stdout}");
+    let row = stdout.lines().find(|l| l.contains("ERROR")).expect(&stdout);
+    assert_eq!(row.matches("No such file or directory").count(), 1, "{row}");
+    let (code, _, stderr) = tch_mix(&["convert", missing.to_str().unwrap(), "out.safetensors"]);
+    assert_eq!(code, 2);
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
+}
+
+#[test]
 fn usage_errors_exit_with_2() {
     let (code, _, stderr) = tch_mix(&["check", "--device", "tpu", "x"]);
     assert_eq!(code, 2);

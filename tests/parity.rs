@@ -148,10 +148,12 @@ fn assert_mistake_fails(mut fixture: Fixture, what: &str, mistake: impl Fn(&mut 
         "{what} in {}: the output did not fail ({failed:?})",
         fixture.path.display()
     );
+    let output = report.comparisons.iter().find(|c| c.name == "output").unwrap();
     println!(
-        "{what} in {}: FAIL as it must ({} comparisons)",
-        fixture.path.display(),
-        failed.len()
+        "{what} in {}: FAIL as it must ({} comparisons; the output at {:.0}x its bound)",
+        fixture.path.file_name().unwrap().to_string_lossy(),
+        failed.len(),
+        output.used
     );
 }
 

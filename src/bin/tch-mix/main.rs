@@ -63,10 +63,27 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(err) => {
-            eprintln!("tch-mix: {err:#}");
+            eprintln!("tch-mix: {}", describe(&err));
             ExitCode::from(2)
         }
     }
+}
+
+/// An error and its causes, `context: error: cause`, leaving out a cause whose first line the
+/// text already holds (tch-mix's errors carry their file system or libtorch cause's message; a
+/// libtorch cause's further lines are its C++ stack frames).
+fn describe(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        let first = cause.lines().next().unwrap_or_default();
+        if text.is_empty() {
+            text = cause;
+        } else if !text.contains(first) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`, refusing CUDA where none is available.
@@ -142,7 +159,7 @@ fn check(args: &[String]) -> Result<bool> {
                 }
             }
             Err(err) => {
-                println!("{name:<64} ERROR {err:#}");
+                println!("{name:<64} ERROR {}", describe(&err));
                 failed += 1;
             }
         }
