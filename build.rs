@@ -7,7 +7,7 @@
 //! `cargo:rustc-link-arg` does not reach crates that depend on tch-mix. What they need instead:
 //! the `cuda` feature keeps libtorch_cuda linked (src/cuda.rs), and the folder is passed on as
 //! `DEP_TCH_MIX_LIBTORCH_LIB` (our `links = "tch_mix"`) for a service's one-line build script to
-//! give its binary the rpath (see the README's "Using tch-mix in your own service").
+//! give its binary the rpath (see docs/deployment.md).
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -21,7 +21,7 @@ one). For each mixer:
    and saves it again; swak loads what Rust saved with ``strict=True``: the same bits, the same
    output.
 
-Outputs agree at the README's float32 tolerance, ``|a - b| <= 1e-5 + 1e-5 |b|``. Exits non-zero
+Outputs agree at the elementwise float32 tolerance of docs/parity.md, ``|a - b| <= 1e-5 + 1e-5 |b|``. Exits non-zero
 on the first disagreement.
 """
 import argparse

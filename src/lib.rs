@@ -1,50 +1,85 @@
 //! # tch-mix
 //!
 //! The feature mixers of the Python library [swak](https://pypi.org/project/swak/)
-//! (`swak.pt.mix`, version 1.2.0) on top of tch-rs, at numerical parity with swak, loading the
-//! weights of models trained in PyTorch.
+//! (`swak.pt.mix` 1.2.0) on tch-rs (libtorch). For teams that train a model with swak mixers in
+//! PyTorch and serve it from Rust: load its weights, get the same numbers on CPU or CUDA, fast,
+//! with each feature's importance ([`Mixer::f_importance`]), and prove the parity in their own CI
+//! ([`fixture`]).
 //!
 //! A mixer combines stacked feature vectors `(..., n_features, mod_dim)` into one vector
-//! `(..., mod_dim)` per instance, and tells how much each feature weighed in the mix
-//! ([`Mixer::f_importance`]).
+//! `(..., mod_dim)` per instance:
 //!
-//! | mixer | swak class | weights (`state_dict` keys) |
+//! | mixer | weights (swak's `state_dict` keys) | importance |
 //! |---|---|---|
-//! | [`GlobalWeightsMixer`] | `GlobalWeightsMixer` | `coeffs` |
-//! | [`InstanceWeightsMixer`] | `InstanceWeightsMixer` | `project.weight`, `project.bias` |
-//! | [`CrossAttentionMixer`] | `CrossAttentionMixer` | `attention.in_proj_weight`, `attention.in_proj_bias`, `attention.out_proj.weight`, `attention.out_proj.bias` |
-//! | [`SelfAttentionMixer`] | `SelfAttentionMixer` | as `CrossAttentionMixer` |
+//! | [`GlobalWeightsMixer`] | `coeffs` | `softmax(coeffs)`, the same for every instance |
+//! | [`InstanceWeightsMixer`] | `project.weight`, `project.bias` | `softmax(project(flatten(x)))` per instance |
+//! | [`CrossAttentionMixer`] | `attention.in_proj_weight`, `attention.in_proj_bias`, `attention.out_proj.weight`, `attention.out_proj.bias` | a learned query's attention over the features, averaged over heads |
+//! | [`SelfAttentionMixer`] | as `CrossAttentionMixer` | self-attention weights averaged over heads and queries |
 //!
-//! ```no_run
+//! ```toml
+//! [dependencies]
+//! tch-mix = { version = "0.2", default-features = false, features = ["cuda"] }
+//! tch = "0.24"   # or 0.22, 0.23, 0.26: tch-mix follows your tch
+//! ```
+//!
+//! Build with `LIBTORCH_USE_PYTORCH=1` and a Python whose pip-installed PyTorch is the one your tch
+//! binds to (2.11.0 for tch 0.24) on `PATH`; Rust 1.89 or newer. `cuda` keeps CUDA linked (leave
+//! it out for a CPU-only libtorch); `default-features = false` leaves out the command-line tool.
+//!
+//! ## Quick start
+//!
+//! ```
 //! use tch::{nn, Device, Kind, Tensor};
 //! use tch_mix::{InstanceWeightsConfig, InstanceWeightsMixer, Mixer, StateDict};
 //!
-//! let vs = nn::VarStore::new(Device::Cpu);
-//! let mix = InstanceWeightsMixer::new(&(vs.root() / "mix"), 16, 4, Default::default())?;
-//! // Weights of a PyTorch model whose mixer attribute is `mix`, saved with torch.save.
-//! mix.load_state(&StateDict::from_file("model.pt")?.sub("mix"))?;
-//! let inp = Tensor::randn([32, 4, 16], (Kind::Float, Device::Cpu));
-//! // (32, 16) and (32, 4): the mixed features and each feature's importance, in one call.
-//! let (mixed, importance) = tch::no_grad(|| mix.f_forward_and_importance_t(&inp, None, false))?;
-//! # Ok::<(), tch_mix::MixError>(())
+//! fn main() -> tch_mix::Result<()> {
+//!     let mut vs = nn::VarStore::new(Device::cuda_if_available());
+//!     vs.set_kind(Kind::Float); // the mixer's dtype: set it before building
+//!     // swak's InstanceWeightsMixer(8, 6, skip=False): mod_dim 8, 6 features.
+//!     let config = InstanceWeightsConfig { skip: false, ..Default::default() };
+//!     let mix = InstanceWeightsMixer::new(&(vs.root() / "mix"), 8, 6, config)?;
+//!
+//!     // torch.save(model.state_dict(), "instance.pt") in Python, the swak mixer at `model.mix`:
+//!     let state = StateDict::from_file("examples/demo/instance.pt")?;
+//!     mix.load_state(&state.sub("mix"))?; // strict: every key, every shape
+//!
+//!     let batch = Tensor::randn([64, 6, 8], (Kind::Float, vs.device()));
+//!     // The mixed features and each feature's importance, in one call (eval mode, no autograd).
+//!     let (mixed, importance) =
+//!         tch::no_grad(|| mix.f_forward_and_importance_t(&batch, None, false))?;
+//!     assert_eq!(mixed.size(), [64, 8]);
+//!     assert_eq!(importance.size(), [64, 6]);
+//!     Ok(())
+//! }
 //! ```
 //!
-//! Weights go back to PyTorch the same way, with the mixer's hyper-parameters as metadata, which
-//! loading checks ([`StateDict::save`], [`Mixer::save_file`], [`Mixer::load_file`]):
+//! Every mixer is built as `Mixer::new(&path, mod_dim, [n_features,] config)` with swak's
+//! hyper-parameters in its config ([`GlobalWeightsConfig`], [`InstanceWeightsConfig`],
+//! [`AttentionConfig`]); device and dtype come from the VarStore. The [`Mixer`] trait gives the
+//! rest, also as `Box<dyn Mixer>`; [`SharedMixer`] serves one loaded model to many threads.
 //!
-//! ```no_run
-//! # use tch::{nn, Device};
-//! # use tch_mix::{InstanceWeightsMixer, Mixer, StateDict};
-//! # let vs = nn::VarStore::new(Device::Cpu);
-//! # let mix = InstanceWeightsMixer::new(&(vs.root() / "mix"), 16, 4, Default::default())?;
-//! // `torch.load("model.pt", weights_only=True)` reads it; swak's `load_state_dict` takes it.
-//! let mut state = StateDict::from_var_store(&vs, "");
-//! state.set_spec("mix", &mix.spec());
-//! state.save("model.pt")?;
-//! // A swak Checkpoint gives its `model`; a mixer of other hyper-parameters is refused.
-//! mix.load_file("checkpoint.pt".as_ref(), "mix")?;
-//! # Ok::<(), tch_mix::MixError>(())
-//! ```
+//! ## Where to go next
+//!
+//! - Loading: [`StateDict::from_file`] reads safetensors, `torch.save` state dicts and
+//!   checkpoints such as swak's `Checkpoint`, strictly and bounded for untrusted files; the
+//!   [`checkpoint`] module.
+//! - Saving back for swak, with the mixer's hyper-parameters as metadata: [`StateDict::save`],
+//!   [`Mixer::save_file`], [`Mixer::load_file`], [`Spec`].
+//! - Parity in your CI: [`fixture::Fixture::check`] judges tch-mix against fixtures that the
+//!   Python package `tch-mix-tools` exports from your trained swak model.
+//! - Errors: every fallible call returns a [`MixError`] naming what was expected and what came.
+//!
+//! The repository's README and its guides (`docs/`) cover loading, saving, parity, performance,
+//! deployment and where tch-mix differs from swak.
+
+// The README's code blocks run as doc tests too.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../docs/parity.md")]
+struct ParityGuideDoctests;
 
 mod attention;
 pub mod checkpoint;
