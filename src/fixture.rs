@@ -237,6 +237,9 @@ impl Report {
     }
 
     /// Writes [`Report::computed`] to a safetensors file.
+    ///
+    /// # Errors
+    /// [`MixError::Io`] for what the file system refuses.
     pub fn write(&self, path: &Path) -> Result<()> {
         let mut tensors = Vec::with_capacity(self.computed.len());
         for (name, tensor) in &self.computed {
@@ -251,6 +254,10 @@ impl Report {
 
 impl Fixture {
     /// Reads a fixture and checks its `format`.
+    ///
+    /// # Errors
+    /// [`MixError::Io`] or [`MixError::Format`] for a file that is not a safetensors fixture of a
+    /// format in [`FORMATS`].
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path)
@@ -400,6 +407,9 @@ impl Fixture {
     /// Builds the described mixer on `path` (whose VarStore sets device and dtype), not yet
     /// loaded. The fixture's weights are checked against the metadata first, so a fixture cannot
     /// make this allocate more than its own weights.
+    ///
+    /// # Errors
+    /// [`MixError::Format`] where the metadata is incomplete or the weights do not fit it.
     pub fn build(&self, path: &nn::Path) -> Result<Box<dyn Mixer>> {
         self.check_state()?;
         let spec = Spec::from_metadata(|key| self.metadata.get(key).cloned())
@@ -409,6 +419,11 @@ impl Fixture {
 
     /// Builds the mixer on `device`, loads `state.*` strictly, runs forward (eval) and importance
     /// (and the gradient block when present), and compares everything with the fixture.
+    ///
+    /// # Errors
+    /// A malformed fixture (missing tensors, a truth or ignore mask of the wrong shape, weights
+    /// that do not fit its metadata). A mismatch with swak is no error: it is a comparison that did
+    /// not pass ([`Report::passed`]).
     pub fn check(&self, device: Device) -> Result<Report> {
         let kind = self.kind()?;
         let mut vs = nn::VarStore::new(device);

@@ -60,6 +60,12 @@ pub struct GlobalWeightsMixer {
 impl GlobalWeightsMixer {
     /// Creates the mixer with its variable `coeffs` under `path`, in the VarStore's dtype and
     /// device.
+    ///
+    /// # Errors
+    /// [`MixError::Config`](crate::MixError::Config) for a `mod_dim` below 1, `n_features` below 0,
+    /// or a `dropout` outside `[0, 1)`;
+    /// [`MixError::DuplicateVariable`](crate::MixError::DuplicateVariable) where `path` already
+    /// holds `coeffs`.
     pub fn new(
         path: &nn::Path,
         mod_dim: i64,

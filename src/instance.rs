@@ -63,6 +63,12 @@ pub struct InstanceWeightsMixer {
 impl InstanceWeightsMixer {
     /// Creates the mixer with its variables `project.weight` (and `project.bias`) under `path`,
     /// in the VarStore's dtype and device, initialised like PyTorch's `nn.Linear`.
+    ///
+    /// # Errors
+    /// [`MixError::Config`](crate::MixError::Config) for a `mod_dim` below 1, `n_features` below 0,
+    /// sizes whose product overflows, or a `dropout` outside `[0, 1)`;
+    /// [`MixError::DuplicateVariable`](crate::MixError::DuplicateVariable) where `path` already
+    /// holds the variables.
     pub fn new(
         path: &nn::Path,
         mod_dim: i64,

@@ -41,6 +41,10 @@ pub trait Mixer: std::fmt::Debug + Send {
     /// - `inp`: `(..., n_features, mod_dim)`, at least 2-D.
     /// - `mask`: `(..., n_features)`, the input's shape without its last dimension.
     /// - returns `(..., mod_dim)`, or `(..., 1, mod_dim)` with `keep_dim`.
+    ///
+    /// # Errors
+    /// [`MixError::Shape`], [`MixError::Kind`] or [`MixError::Device`] naming what was expected and
+    /// what came, for an input or mask of the wrong rank, sizes, dtype or device; never a panic.
     fn f_forward_t(&self, inp: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor>;
 
     /// Per-instance importance of each feature: the weights of the mix (swak's `importance`).
@@ -48,6 +52,9 @@ pub trait Mixer: std::fmt::Debug + Send {
     /// # Shapes
     /// - `inp`: `(..., n_features, mod_dim)`, `mask`: `(..., n_features)`.
     /// - returns `(..., n_features)`.
+    ///
+    /// # Errors
+    /// As [`Mixer::f_forward_t`].
     fn f_importance(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor>;
 
     /// The mixed features and the importance of the same batch in one call, sharing the work
@@ -56,6 +63,9 @@ pub trait Mixer: std::fmt::Debug + Send {
     ///
     /// # Shapes
     /// As [`Mixer::f_forward_t`] and [`Mixer::f_importance`]: returns `((..., mod_dim), (..., n_features))`.
+    ///
+    /// # Errors
+    /// As [`Mixer::f_forward_t`].
     fn f_forward_and_importance_t(
         &self,
         inp: &Tensor,
@@ -66,6 +76,9 @@ pub trait Mixer: std::fmt::Debug + Send {
     }
 
     /// Re-initialises every weight in place with swak's (PyTorch's) initial distributions.
+    ///
+    /// # Errors
+    /// Only what libtorch refuses ([`MixError::Torch`]).
     fn reset_parameters(&mut self) -> Result<()>;
 
     /// The weights under their PyTorch `state_dict` keys, relative to the mixer
@@ -88,6 +101,9 @@ pub trait Mixer: std::fmt::Debug + Send {
 
     /// A fresh, re-initialised mixer with identical hyper-parameters, device and dtype, whose
     /// variables are created on `path` (swak's `new()`).
+    ///
+    /// # Errors
+    /// [`MixError::DuplicateVariable`] where `path` already holds the mixer's variable names.
     fn fresh(&self, path: &nn::Path) -> Result<Self>
     where
         Self: Sized;
@@ -106,6 +122,11 @@ pub trait Mixer: std::fmt::Debug + Send {
     /// files that tch-mix or `tch_mix_tools.save` wrote), that mixer must be of this one's
     /// class and hyper-parameters (dropout aside): else an error names both, and nothing is
     /// copied. A state without that metadata loads on keys and shapes alone.
+    ///
+    /// # Errors
+    /// [`MixError::StrictLoad`] listing every missing key, unexpected key and shape mismatch;
+    /// [`MixError::Config`] where the state's metadata describes another mixer. Nothing is copied
+    /// unless everything fits.
     fn load_state(&self, state: &StateDict) -> Result<()> {
         if let Some(saved) = state.spec("")? {
             self.spec().check_fits(&saved)?;
@@ -118,6 +139,9 @@ pub trait Mixer: std::fmt::Debug + Send {
     /// `torch.save` state dict, or a checkpoint's `model`) where they lie under `prefix` (`mix`
     /// for `mix.coeffs`, ...; empty for none), and loads them with [`Mixer::load_state`],
     /// checking the hyper-parameters that the file carries for that prefix.
+    ///
+    /// # Errors
+    /// As [`StateDict::from_file`] and [`Mixer::load_state`].
     fn load_file(&self, path: &std::path::Path, prefix: &str) -> Result<()> {
         self.load_state(&StateDict::from_file(path)?.sub(prefix))
     }
@@ -126,6 +150,10 @@ pub trait Mixer: std::fmt::Debug + Send {
     /// with its class and hyper-parameters as metadata: [`StateDict::from_mixer`] then
     /// [`StateDict::save`] (safetensors for `.safetensors`, `torch.save`'s format for `.pt` and
     /// `.pth`, written atomically).
+    ///
+    /// # Errors
+    /// As [`StateDict::save`]: an extension other than `.safetensors`, `.pt` or `.pth`, or what the
+    /// file system refuses ([`MixError::Io`]); `path` is then left as it was.
     fn save_file(&self, path: &std::path::Path, prefix: &str) -> Result<()> {
         StateDict::from_mixer(self, prefix).save(path)
     }

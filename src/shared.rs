@@ -63,6 +63,10 @@ unsafe impl Sync for SharedMixer {}
 
 impl SharedMixer {
     /// A frozen copy of `mixer`'s weights, on the same device, in the same dtype.
+    ///
+    /// # Errors
+    /// Only what libtorch refuses while copying the weights
+    /// ([`MixError::Torch`](crate::MixError::Torch)).
     pub fn new(mixer: &dyn Mixer) -> Result<Self> {
         let mut store = nn::VarStore::new(mixer.device());
         let copy = mixer.fresh_boxed(&store.root())?;
@@ -84,16 +88,34 @@ impl SharedMixer {
     }
 
     /// The mixed features, in eval mode: as [`Mixer::f_forward_t`] with `train = false`.
+    ///
+    /// # Shapes
+    /// As [`Mixer::f_forward_t`]: `(..., n_features, mod_dim)` to `(..., mod_dim)`.
+    ///
+    /// # Errors
+    /// As [`Mixer::f_forward_t`].
     pub fn forward(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         tch::no_grad(|| self.mixer.f_forward_t(inp, mask, false))
     }
 
     /// The importance: as [`Mixer::f_importance`].
+    ///
+    /// # Shapes
+    /// As [`Mixer::f_importance`]: `(..., n_features, mod_dim)` to `(..., n_features)`.
+    ///
+    /// # Errors
+    /// As [`Mixer::f_forward_t`].
     pub fn importance(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         tch::no_grad(|| self.mixer.f_importance(inp, mask))
     }
 
     /// Both in one call: as [`Mixer::f_forward_and_importance_t`] with `train = false`.
+    ///
+    /// # Shapes
+    /// As [`Mixer::f_forward_and_importance_t`].
+    ///
+    /// # Errors
+    /// As [`Mixer::f_forward_t`].
     pub fn forward_and_importance(
         &self,
         inp: &Tensor,

@@ -90,6 +90,9 @@ impl Spec {
     }
 
     /// A freshly initialised mixer of this spec on `path`, in the VarStore's dtype and device.
+    ///
+    /// # Errors
+    /// As the mixer's constructor: invalid hyper-parameters, or variables already on `path`.
     pub fn build(&self, path: &nn::Path) -> Result<Box<dyn Mixer>> {
         self.build_as(path, path.kind(), path.device())
     }
@@ -147,6 +150,9 @@ impl Spec {
 
     /// Reads the text form; `get` looks a key up. An error names the key that is missing or
     /// does not parse.
+    ///
+    /// # Errors
+    /// [`MixError::Config`] naming the key that is missing or does not parse.
     pub fn from_metadata(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
         fn parse<T: std::str::FromStr>(
             get: &dyn Fn(&str) -> Option<String>,

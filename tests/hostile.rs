@@ -271,11 +271,20 @@ fn stride_zero_views_stay_views() {
 fn compressed_entries_are_read_no_further_than_their_storage() {
     let pickle = state_dict_pickle(&[TensorDef::float("w", "0", &[1])]);
     let entries = |storage: Entry| vec![Entry::stored("archive/data.pkl", &pickle), storage];
-    // A deflate entry that inflates to 2 GiB of zeros, declared (and pickled) as 4 bytes.
+    // A deflate entry that inflates to 2 GiB of zeros, declared (and pickled) as 4 bytes: read
+    // to one byte past what the pickle asks for, with a CRC (which the read never reaches) ...
     let bomb = deflate_zeros(2 << 30);
-    let storage = Entry { name: "archive/data/0".into(), data: bomb, method: 8, size: 4, crc: 0 };
+    let storage =
+        Entry { name: "archive/data/0".into(), data: bomb.clone(), method: 8, size: 4, crc: 1 };
     let message = refused("bombs", "deflate-2gib.pt", &zip(&entries(storage)));
     assert_contains(&message, "more than 4 bytes for 1 elements of Float (4 bytes declared)");
+    // ... and with a CRC of 0 (PyTorch's writer without CRCs), to one byte past what it declares.
+    let storage = Entry { name: "archive/data/0".into(), data: bomb, method: 8, size: 4, crc: 0 };
+    let message = refused("bombs", "deflate-2gib-nocrc.pt", &zip(&entries(storage)));
+    assert_contains(
+        &message,
+        "archive/data/0: holds more than the 4 bytes its zip header declares",
+    );
     // A bzip2 entry is refused before it is read: torch.load reads only stored and deflated ones.
     let mut bzip2 = b"BZh91AY&SY".to_vec();
     bzip2.resize(1200, 0);

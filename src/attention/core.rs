@@ -255,6 +255,11 @@ macro_rules! impl_attention_mixer {
             /// `attention.in_proj_bias`, `attention.out_proj.weight` and `attention.out_proj.bias`
             /// under `path`, in the VarStore's dtype and device, initialised like PyTorch's
             /// `nn.MultiheadAttention`.
+            ///
+            /// # Errors
+            /// [`MixError`](crate::MixError)`::Config` for a `mod_dim` below 1, `n_heads` below 1
+            /// or not dividing `mod_dim`, or a `dropout` outside `[0, 1)`; `DuplicateVariable`
+            /// where `path` already holds the variables.
             pub fn new(
                 path: &tch::nn::Path,
                 mod_dim: i64,

@@ -43,6 +43,10 @@ pub struct MultiheadAttention {
 impl MultiheadAttention {
     /// Creates the variables under `path` in `kind` on `device`, initialised like PyTorch.
     /// `n_heads` must divide `embed_dim`.
+    ///
+    /// # Errors
+    /// [`MixError::Config`] where `n_heads` is below 1 or does not divide `embed_dim`;
+    /// [`MixError::DuplicateVariable`] where `path` already holds the variables.
     pub fn new(
         path: &nn::Path,
         embed_dim: i64,

@@ -136,6 +136,11 @@ impl StateDict {
     /// its `model` entry, as in swak's `Checkpoint` files (an error lists the entries if there is
     /// none). Tensors stay on the CPU in their stored dtype; those of a zip archive are views of
     /// its storages, as in PyTorch (tensors that shared a storage still share it).
+    ///
+    /// # Errors
+    /// [`MixError::Io`] where the file cannot be opened; [`MixError::Format`] naming the file and
+    /// what is wrong for anything that is not a state dict within the reader's bounds (truncated,
+    /// corrupt, a pickled object other than a state dict, the legacy pre-zip format).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         read_file(path.as_ref(), None)
     }
@@ -147,6 +152,10 @@ impl StateDict {
     /// state dict. Metadata comes with the state dict that [`StateDict::from_file`] would read
     /// (the root or `model`), for which a file's metadata is written, and not with other entries.
     /// A safetensors file holds one flat state dict and takes no key.
+    ///
+    /// # Errors
+    /// As [`StateDict::from_file`], and [`MixError::Format`] listing the entries where `key` is
+    /// missing.
     pub fn from_file_key(path: impl AsRef<Path>, key: &str) -> Result<Self> {
         read_file(path.as_ref(), Some(key))
     }
@@ -160,6 +169,10 @@ impl StateDict {
     /// The write is atomic: the file is written to a temporary file next to `path`, synced to
     /// disk, then renamed to `path`; on any error the temporary file is removed and `path` is
     /// left as it was.
+    ///
+    /// # Errors
+    /// [`MixError::Config`] for an extension other than `.safetensors`, `.pt` or `.pth`;
+    /// [`MixError::Io`] for what the file system refuses. On any error `path` is as it was.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         crate::save::save(self, path.as_ref())
     }
@@ -201,6 +214,9 @@ impl StateDict {
 
     /// The [`Spec`] of the mixer at `prefix` (empty for the root) that the metadata describes,
     /// `None` if it describes none there; an error if it does so incompletely.
+    ///
+    /// # Errors
+    /// [`MixError::Config`] naming the entry that is missing or does not parse.
     pub fn spec(&self, prefix: &str) -> Result<Option<Spec>> {
         let base = dotted(METADATA_PREFIX, prefix);
         if !self.metadata.contains_key(&format!("{base}.mixer")) {
@@ -269,6 +285,9 @@ impl StateDict {
 
     /// The same entries with every floating-point tensor converted to `kind` (a floating-point
     /// kind); other tensors (integer counters, bool masks) are kept as they are.
+    ///
+    /// # Errors
+    /// [`MixError::Kind`] where `kind` is not a floating-point kind.
     pub fn to_float_kind(&self, kind: Kind) -> Result<Self> {
         if !matches!(kind, Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double) {
             return Err(MixError::Config(format!(
@@ -311,6 +330,10 @@ impl std::fmt::Debug for StateDict {
 /// Copies `state` into the variables of `vs`, strictly: the VarStore's variable names
 /// (`mix.coeffs`, ...) must be exactly the state's keys, with the same shapes. Values are
 /// converted to each variable's dtype and device.
+///
+/// # Errors
+/// [`MixError::StrictLoad`] listing every missing key, unexpected key and shape mismatch; nothing
+/// is copied unless everything fits.
 pub fn load_var_store(vs: &nn::VarStore, state: &StateDict) -> Result<()> {
     copy_strict(vs.variables().into_iter().collect(), state)
 }

@@ -185,6 +185,9 @@ pub(super) struct TorchArchive {
     file_len: u64,
 }
 
+/// What the zip reader (zip 0.6) says when an entry's data does not match its CRC-32.
+const ZIP_CHECKSUM_ERROR: &str = "Invalid checksum";
+
 impl TorchArchive {
     pub(super) fn new(
         archive: ZipArchive<WindowedFile>,
@@ -266,17 +269,32 @@ impl TorchArchive {
         // zip's; a lie only costs the vector's growth).
         let reserve = limit.min(entry.size()).min(self.file_len).saturating_add(1);
         let mut data = Vec::with_capacity(usize::try_from(reserve).unwrap_or(0));
+        let bound = limit.saturating_add(1);
+        if entry.crc32() != 0 {
+            entry.take(bound).read_to_end(&mut data).map_err(|e| format!("{name}: {e}"))?;
+            return Ok(Some(data));
+        }
         // PyTorch's writer with `compute_crc32 = False` stores a CRC-32 of 0 for every entry, and
-        // torch.load checks no CRC. Such an entry is read for its declared size and no further:
-        // the zip reader checks the CRC only when a read reaches the entry's end, which this one
-        // never asks for. A short entry still ends in an error (its CRC of 0 does not match), a
-        // longer one is cut at its declared size, and `limit + 1` bounds the read as for any
-        // entry. An entry with a CRC is checked against it.
-        let bound = match entry.crc32() {
-            0 => limit.saturating_add(1).min(entry.size()),
-            _ => limit.saturating_add(1),
-        };
-        entry.take(bound).read_to_end(&mut data).map_err(|e| format!("{name}: {e}"))?;
+        // torch.load checks no CRC. The zip reader checks it when a read reaches the entry's
+        // end, so such an entry is read to its declared size (within the bound), and then one
+        // more read tells its end (the reader's checksum error, or no byte if the CRC is right)
+        // from bytes past what it declares, which are refused like any entry that lies.
+        let declared = entry.size();
+        let mut entry = entry.take(bound);
+        (&mut entry).take(declared).read_to_end(&mut data).map_err(|e| format!("{name}: {e}"))?;
+        if (data.len() as u64) < bound {
+            let mut probe = [0u8; 1];
+            match entry.read(&mut probe) {
+                Ok(0) => {}
+                Ok(_) => {
+                    return Err(format!(
+                        "{name}: holds more than the {declared} bytes its zip header declares"
+                    ))
+                }
+                Err(e) if e.to_string() == ZIP_CHECKSUM_ERROR => {}
+                Err(e) => return Err(format!("{name}: {e}")),
+            }
+        }
         Ok(Some(data))
     }
 
