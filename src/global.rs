@@ -3,6 +3,7 @@
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::Result;
+use crate::kernels;
 use crate::mixer::{self, Mixer};
 use crate::mode;
 use crate::spec::Spec;
@@ -169,11 +170,13 @@ impl Mixer for GlobalWeightsMixer {
     }
 
     fn f_forward_t(&self, inp: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let _call = kernels::Call::start(inp);
         self.check(inp, mask)?;
         self.mix(inp, train, None)
     }
 
     fn f_importance(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let _call = kernels::Call::start(inp);
         self.check(inp, mask)?;
         self.importance_of(inp)
     }
@@ -184,6 +187,7 @@ impl Mixer for GlobalWeightsMixer {
         mask: Option<&Tensor>,
         train: bool,
     ) -> Result<(Tensor, Tensor)> {
+        let _call = kernels::Call::start(inp);
         self.check(inp, mask)?;
         if mode::grad_mode() {
             return Ok((self.mix(inp, train, None)?, self.importance_of(inp)?));

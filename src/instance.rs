@@ -202,6 +202,7 @@ impl Mixer for InstanceWeightsMixer {
     }
 
     fn f_importance(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let _call = kernels::Call::start(inp);
         self.check(inp, mask)?;
         // The one-pass kernel beats libtorch's skinny GEMM even with the pooling it adds.
         if self.n_features > 0 {
@@ -218,6 +219,7 @@ impl Mixer for InstanceWeightsMixer {
         mask: Option<&Tensor>,
         train: bool,
     ) -> Result<(Tensor, Tensor)> {
+        let _call = kernels::Call::start(inp);
         self.check(inp, mask)?;
         let InstanceWeightsConfig { dropout, skip, keep_dim, .. } = self.config;
         if self.n_features > 0 && !(train && dropout > 0.0) {

@@ -8,7 +8,7 @@ use tch::{nn, Device, Kind, Tensor};
 use super::fast::{Derived, KeyWeights, Mixed, Packed, Request};
 use super::multihead::MultiheadAttention;
 use crate::error::Result;
-use crate::kernels::Scratch;
+use crate::kernels::{self, Scratch};
 use crate::{mixer, mode};
 
 /// Hyper-parameters of the attention mixers, named as in swak.
@@ -203,6 +203,7 @@ impl AttentionCore {
         train: bool,
         want: Want,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _call = kernels::Call::start(inp);
         let Some(batch) = self.batch(inp, mask)? else {
             let shape = inp.size();
             let none = Tensor::f_zeros(&shape[..shape.len() - 1], (self.kind(), self.device()))?;

@@ -27,6 +27,7 @@ pub(crate) use cross::cross;
 pub(crate) use gemm::{linear, pack};
 pub(crate) use instance::instance;
 pub(crate) use self_attention::self_weights;
+pub(crate) use team::Call;
 pub(crate) use weighted::weighted_sums;
 
 use tch::{Device, Kind, Tensor};

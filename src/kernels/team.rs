@@ -1,13 +1,17 @@
 //! How a kernel runs: its batch split into parts, the parts on libtorch's own OpenMP team (or
 //! on scoped threads where no OpenMP runtime is loaded), each part in the widest build of the
-//! kernel the processor supports.
+//! kernel the processor supports; and how concurrent mixer calls share the cores ([`Call`]).
 //!
-//! One of the two places with `unsafe` code (the other is [`super::memory`]): the libgomp
-//! entry point, looked up with `dlsym` and called through C, and the calls of the AVX2 + FMA
-//! and AVX-512VL builds of the kernels.
+//! One of the two places with `unsafe` code (the other is [`super::memory`]): the entry points
+//! of libgomp and MKL, looked up with `dlsym` and called through C, and the calls of the
+//! AVX2 + FMA and AVX-512VL builds of the kernels.
 
+use std::cell::Cell;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+
+use tch::{Device, Tensor};
 
 /// Multiply-adds per thread below which the work stays on the calling thread: waking a thread
 /// of the team costs a few microseconds, about as long as this much arithmetic.
@@ -25,12 +29,83 @@ pub(crate) trait Kernel: Sync {
     fn run<const FMA: bool, const REGS32: bool>(&self, range: Range<usize>, part: Self::Part);
 }
 
+/// Mixer calls on the CPU in this process, on every thread, that have not yet returned.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// The threads this thread's mixer call started with (`tch::get_num_threads()` then), to
+    /// be shared out among the calls in flight ([`Call`]); 0 outside a call.
+    static BUDGET: Cell<usize> = const { Cell::new(0) };
+}
+
+/// A call's share of `budget` threads while `in_flight` calls run: an equal part, at least one.
+fn share(budget: usize, in_flight: usize) -> usize {
+    (budget / in_flight.max(1)).max(1)
+}
+
+/// One mixer call on the CPU, from its start to its return: it counts among the calls in
+/// flight, and the threads it runs on are its share of `tch::get_num_threads()`, divided evenly
+/// among the calls in flight. libtorch's ops (their OpenMP and MKL teams) get the share of the
+/// moment the call starts; the kernels take the share of the moment each of them starts, so a
+/// long call takes the cores back that shorter calls beside it have left. A lone call has every
+/// thread; as many concurrent calls as threads run each on its caller's thread alone, rather
+/// than each starting a team of its own that would compete with the others for the same cores.
+/// A call within a call counts once.
+pub(crate) struct Call {
+    /// Whether this is the outermost call on its thread (the one that counts).
+    counted: bool,
+    /// The thread's settings before the call, where it narrowed them.
+    restore: Option<openmp::Threads>,
+}
+
+impl Call {
+    /// Starts a call on input `inp`; only calls on the CPU count.
+    pub(crate) fn start(inp: &Tensor) -> Self {
+        let cpu = inp.defined() && inp.device() == Device::Cpu;
+        if !cpu || BUDGET.get() != 0 {
+            return Self { counted: false, restore: None };
+        }
+        let in_flight = IN_FLIGHT.fetch_add(1, Ordering::Relaxed) + 1;
+        // Read first: libtorch settles a thread's OpenMP setting at its first read, which
+        // would otherwise overwrite the narrower one set below.
+        let budget = tch::get_num_threads().max(1) as usize;
+        BUDGET.set(budget);
+        let share = share(budget, in_flight);
+        let restore = match share < budget {
+            true => openmp::narrow(share),
+            false => None,
+        };
+        Self { counted: true, restore }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if self.counted {
+            if let Some(threads) = self.restore.take() {
+                openmp::restore(threads);
+            }
+            BUDGET.set(0);
+            IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The threads a kernel may split its batch over: `tch::get_num_threads()` outside a mixer
+/// call, and within one the call's share of its threads now ([`Call`]).
+fn threads() -> usize {
+    match BUDGET.get() {
+        0 => tch::get_num_threads().max(1) as usize,
+        budget => share(budget, IN_FLIGHT.load(Ordering::Relaxed)),
+    }
+}
+
 /// The number of instances in each part of a batch of `n` instances of `work` multiply-adds
-/// each: the batch splits over up to `tch::get_num_threads()` threads, each with at least
+/// each: the batch splits over up to [`threads`] threads, each with at least
 /// [`MIN_WORK_PER_THREAD`].
 pub(crate) fn part_size(n: usize, work: usize) -> usize {
     let most = n.saturating_mul(work.max(1)) / MIN_WORK_PER_THREAD;
-    let threads = (tch::get_num_threads().max(1) as usize).min(most).max(1);
+    let threads = threads().min(most).max(1);
     n.div_ceil(threads).max(1)
 }
 
@@ -139,32 +214,102 @@ fn simd() -> Simd {
 }
 
 /// libtorch's OpenMP runtime (libgomp in PyTorch's Linux wheels, or a runtime that speaks its
-/// ABI), looked up in the running process.
+/// ABI) and the thread setting of its MKL, looked up in the running process.
 mod openmp {
-    use std::ffi::{c_char, c_uint, c_void};
+    use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
     use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Mutex, OnceLock};
 
     type Parallel =
         unsafe extern "C" fn(unsafe extern "C" fn(*mut c_void), *mut c_void, c_uint, c_uint);
+    /// `omp_set_num_threads` and `omp_get_max_threads`.
+    type SetThreads = unsafe extern "C" fn(c_int);
+    type GetThreads = unsafe extern "C" fn() -> c_int;
+    /// MKL's `mkl_set_num_threads_local`, whose C entry point is `MKL_Set_Num_Threads_Local`
+    /// (the lower-case symbol is the Fortran one, which takes a pointer): returns the thread's
+    /// setting before (0: MKL's global one).
+    type SetLocalThreads = unsafe extern "C" fn(c_int) -> c_int;
 
     extern "C" {
         fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+    }
+
+    /// The address of `symbol` in the running process, if it is loaded.
+    fn lookup(symbol: &CStr) -> Option<*mut c_void> {
+        // SAFETY: dlsym with RTLD_DEFAULT (null) only looks the symbol up.
+        let address = unsafe { dlsym(std::ptr::null_mut(), symbol.as_ptr()) };
+        (!address.is_null()).then_some(address)
     }
 
     /// `GOMP_parallel`, where it is loaded.
     fn runtime() -> Option<Parallel> {
         static RUNTIME: OnceLock<Option<Parallel>> = OnceLock::new();
         *RUNTIME.get_or_init(|| {
-            // SAFETY: dlsym with RTLD_DEFAULT (null) only looks the symbol up.
-            let symbol = unsafe { dlsym(std::ptr::null_mut(), c"GOMP_parallel".as_ptr()) };
-            (!symbol.is_null()).then(|| {
-                // SAFETY: `GOMP_parallel` has this signature in libgomp's ABI, and it stays
-                // loaded with libtorch for the life of the process.
-                unsafe { std::mem::transmute::<*mut c_void, Parallel>(symbol) }
-            })
+            // SAFETY: `GOMP_parallel` has this signature in libgomp's ABI, and it stays
+            // loaded with libtorch for the life of the process.
+            lookup(c"GOMP_parallel")
+                .map(|f| unsafe { std::mem::transmute::<*mut c_void, Parallel>(f) })
         })
+    }
+
+    /// The per-thread settings of the number of threads: OpenMP's (libtorch's ops read it)
+    /// and, where libtorch carries MKL, MKL's.
+    struct Settings {
+        set: SetThreads,
+        get: GetThreads,
+        mkl: Option<SetLocalThreads>,
+    }
+
+    fn settings() -> Option<&'static Settings> {
+        static SETTINGS: OnceLock<Option<Settings>> = OnceLock::new();
+        SETTINGS
+            .get_or_init(|| {
+                let (set, get) = (lookup(c"omp_set_num_threads")?, lookup(c"omp_get_max_threads")?);
+                let mkl = lookup(c"MKL_Set_Num_Threads_Local");
+                // SAFETY: these functions have these signatures in the OpenMP and MKL ABIs,
+                // and they stay loaded with libtorch for the life of the process.
+                unsafe {
+                    Some(Settings {
+                        set: std::mem::transmute::<*mut c_void, SetThreads>(set),
+                        get: std::mem::transmute::<*mut c_void, GetThreads>(get),
+                        mkl: mkl.map(|f| std::mem::transmute::<*mut c_void, SetLocalThreads>(f)),
+                    })
+                }
+            })
+            .as_ref()
+    }
+
+    /// A thread's settings before [`narrow`].
+    pub(super) struct Threads {
+        openmp: c_int,
+        mkl: Option<c_int>,
+    }
+
+    /// Sets the calling thread's OpenMP and MKL teams to at most `threads` threads, returning
+    /// what they were; `None` (nothing set) where the process has no OpenMP runtime.
+    pub(super) fn narrow(threads: usize) -> Option<Threads> {
+        let settings = settings()?;
+        let threads = c_int::try_from(threads).unwrap_or(c_int::MAX).max(1);
+        // SAFETY: both calls only read or write the calling thread's settings.
+        unsafe {
+            let openmp = (settings.get)();
+            (settings.set)(threads);
+            let mkl = settings.mkl.map(|set| set(threads));
+            Some(Threads { openmp, mkl })
+        }
+    }
+
+    /// Sets the calling thread's settings back to what [`narrow`] found.
+    pub(super) fn restore(threads: Threads) {
+        let Some(settings) = settings() else { return };
+        // SAFETY: as in `narrow`.
+        unsafe {
+            (settings.set)(threads.openmp.max(1));
+            if let (Some(set), Some(mkl)) = (settings.mkl, threads.mkl) {
+                set(mkl);
+            }
+        }
     }
 
     /// What the members of a team share: the parts to run, the next part to take, and a panic.
@@ -244,6 +389,51 @@ mod tests {
             assert_eq!(seen.load(Ordering::Relaxed), n);
             assert!(out.iter().enumerate().all(|(i, &v)| v == i), "{n} instances");
         }
+    }
+
+    #[test]
+    fn a_call_started_while_another_runs_gets_at_most_half_the_threads() {
+        let cpu = || Tensor::zeros([1], (tch::Kind::Float, Device::Cpu));
+        let all = tch::get_num_threads().max(1) as usize;
+        let first_started = std::sync::Barrier::new(2);
+        let second_done = std::sync::Barrier::new(2);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let _first = Call::start(&cpu());
+                first_started.wait();
+                second_done.wait();
+            });
+            first_started.wait();
+            let before = tch::get_num_threads();
+            {
+                // Other tests' calls may be in flight too: they only make the share smaller.
+                let _second = Call::start(&cpu());
+                let share = (all / 2).max(1);
+                assert!(threads() >= 1 && threads() <= share, "{} of {all}", threads());
+                assert!(tch::get_num_threads() as usize <= share, "libtorch's ops follow it");
+                assert!(part_size(1 << 20, MIN_WORK_PER_THREAD) >= (1 << 20) / share);
+                let _inner = Call::start(&cpu());
+                assert!(threads() <= share, "a call within a call keeps the share");
+            }
+            assert_eq!(BUDGET.get(), 0);
+            assert_eq!(tch::get_num_threads(), before, "the thread's setting is restored");
+            second_done.wait();
+        });
+    }
+
+    #[test]
+    fn calls_in_flight_share_the_threads_equally() {
+        assert_eq!(share(8, 1), 8);
+        assert_eq!(share(8, 3), 2);
+        assert_eq!(share(2, 16), 1, "never less than the caller's own thread");
+        assert_eq!(share(4, 0), 4);
+    }
+
+    #[test]
+    fn calls_off_the_cpu_do_not_count() {
+        let undefined = Tensor::new();
+        let _call = Call::start(&undefined);
+        assert_eq!(BUDGET.get(), 0);
     }
 
     #[test]

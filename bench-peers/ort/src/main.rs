@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! tch-mix-bench-ort --lib LIBONNXRUNTIME --dir DIR --mixer M --batch B [--reps R] [--threads N]
-//!                   [--session-pools]
+//!                   [--session-pools] [--callers 1,2,4 --seconds S --runs R]
 //! ```
 //!
 //! Sessions: all graph optimisations, sequential execution, on one global thread pool of N intra-op
@@ -18,8 +18,17 @@
 //! graph that fails the check is reported and not timed. Of those that pass, the fastest forward
 //! and the fastest importance count, and "both" is the two sessions one after the other. One line
 //! per graph, then a machine-readable last line like `tch-mix bench`'s.
+//!
+//! With `--callers`, the fastest forward graph also serves concurrent callers, as
+//! `examples/concurrency.rs` times tch-mix: for each number of callers, that many threads, each
+//! with a session of its own (`Session::run` takes `&mut self`) on the one global thread pool,
+//! call it on their own copy of the input for `--seconds`, `--runs` times; one line
+//! `concurrency mixer=.. batch=.. callers=.. setting=onnxruntime calls_per_s=.. p50_us=..
+//! p99_us=..` per number of callers (throughput: the median run; percentiles: every call).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ort::environment::{Environment, GlobalThreadPoolOptions};
@@ -43,6 +52,9 @@ struct Options {
     reps: usize,
     threads: usize,
     session_pools: bool,
+    callers: Vec<usize>,
+    seconds: f64,
+    runs: usize,
 }
 
 fn parse() -> Result<Options> {
@@ -54,6 +66,9 @@ fn parse() -> Result<Options> {
         reps: 20,
         threads: 2,
         session_pools: false,
+        callers: Vec::new(),
+        seconds: 0.4,
+        runs: 3,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -71,6 +86,14 @@ fn parse() -> Result<Options> {
             "--batch" => options.batch = number()?,
             "--reps" => options.reps = number()?.max(1) as usize,
             "--threads" => options.threads = number()?.max(1) as usize,
+            "--callers" => {
+                options.callers = value
+                    .split(',')
+                    .map(|v| v.trim().parse().with_context(|| format!("--callers: {v:?}")))
+                    .collect::<Result<_>>()?
+            }
+            "--seconds" => options.seconds = value.parse().context("--seconds: not a number")?,
+            "--runs" => options.runs = number()?.max(1) as usize,
             other => bail!("unknown option {other}"),
         }
     }
@@ -133,6 +156,7 @@ fn check(session: &mut Session, inp: &Tensor<f32>, expected: &(Vec<i64>, Vec<f32
 /// A checked graph and its median.
 struct Timed {
     variant: String,
+    file: PathBuf,
     session: Session,
     err: f64,
     ms: f64,
@@ -160,10 +184,89 @@ fn fastest(
         })?;
         println!("variant={variant} function={function} ms={ms:.4} err={err:.1e}");
         if best.as_ref().is_none_or(|b| ms < b.ms) {
-            best = Some(Timed { variant, session, err, ms });
+            best = Some(Timed { variant, file, session, err, ms });
         }
     }
     best.with_context(|| format!("no {prefix}onnx-*.onnx in {} passed", options.dir.display()))
+}
+
+/// One run of `callers` threads, each on its own session of `file`, calling it on `input` for
+/// `seconds`: calls per second and every call's latency.
+fn concurrent_run(
+    environment: &Environment,
+    file: &Path,
+    options: &Options,
+    callers: usize,
+    input: &(Vec<i64>, Vec<f32>),
+) -> Result<(f64, Vec<Duration>)> {
+    let barrier = Arc::new(Barrier::new(callers + 1));
+    let mut sessions = (0..callers)
+        .map(|_| session(environment, file, options).map_err(anyhow::Error::from))
+        .collect::<Result<Vec<_>>>()?;
+    let seconds = options.seconds;
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = sessions
+            .iter_mut()
+            .map(|session| {
+                let barrier = Arc::clone(&barrier);
+                scope.spawn(move || -> Result<Vec<Duration>> {
+                    let inp = Tensor::from_array(input.clone())?;
+                    for _ in 0..20 {
+                        session.run(ort::inputs![&inp])?;
+                    }
+                    barrier.wait();
+                    let (start, mut latencies) = (Instant::now(), Vec::new());
+                    while start.elapsed().as_secs_f64() < seconds {
+                        let call = Instant::now();
+                        session.run(ort::inputs![&inp])?;
+                        latencies.push(call.elapsed());
+                    }
+                    Ok(latencies)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        let mut latencies = Vec::new();
+        for worker in workers {
+            let mut own = worker.join().map_err(|_| anyhow::anyhow!("a caller panicked"))??;
+            latencies.append(&mut own);
+        }
+        Ok((latencies.len() as f64 / start.elapsed().as_secs_f64(), latencies))
+    })
+}
+
+/// Every `--callers` count on the forward graph `file`: one `concurrency` line each.
+fn concurrency(
+    environment: &Environment,
+    file: &Path,
+    options: &Options,
+    input: &(Vec<i64>, Vec<f32>),
+) -> Result<()> {
+    for &callers in &options.callers {
+        let (mut rates, mut latencies) = (Vec::new(), Vec::new());
+        for _ in 0..options.runs {
+            let (rate, mut own) = concurrent_run(environment, file, options, callers, input)?;
+            rates.push(rate);
+            latencies.append(&mut own);
+        }
+        rates.sort_by(f64::total_cmp);
+        latencies.sort();
+        let percentile = |p: f64| {
+            let at = ((latencies.len() as f64 - 1.0) * p).round() as usize;
+            latencies.get(at).map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
+        };
+        println!(
+            "concurrency mixer={} batch={} callers={callers} setting=onnxruntime \
+             calls_per_s={:.0} p50_us={:.2} p99_us={:.2}",
+            options.mixer,
+            options.batch,
+            rates[rates.len() / 2],
+            percentile(0.5),
+            percentile(0.99)
+        );
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -179,13 +282,17 @@ fn main() -> Result<()> {
         true => builder.build()?,
         false => builder.with_global_thread_pool(threads).build()?,
     };
-    let (shape, values) =
+    let input =
         read_tensor(&options.dir.join(format!("input-{}.safetensors", options.batch)), "input")?;
-    let inp = Tensor::from_array((shape.clone(), values))?;
+    let shape = input.0.clone();
+    let inp = Tensor::from_array(input.clone())?;
     let reference =
         options.dir.join(format!("{}.ref-{}.safetensors", options.mixer, options.batch));
     let mut forward =
         fastest(&environment, &options, "forward", &inp, &read_tensor(&reference, "forward")?)?;
+    if !options.callers.is_empty() {
+        return concurrency(&environment, &forward.file, &options, &input);
+    }
     let mut importance = fastest(
         &environment,
         &options,
