@@ -11,13 +11,12 @@
 //!     [--mod-dim 256] [--n-features 16] [--n-heads 4]
 //! ```
 //!
-//! Freshly initialised weights (speed does not depend on their values), float32, no-grad forward. Each cell runs `--runs` times for
-//! `--seconds` each, after a warm-up; throughput is the median of the runs, the percentiles come
-//! from every call of every run. One line per cell, then a machine-readable line
+//! Freshly initialised weights (speed does not depend on their values), float32, no-grad
+//! forward. Each cell runs `--runs` times for `--seconds` each, after a warm-up; throughput is
+//! the median of the runs, the percentiles come from every call of every run. One line per cell, then a machine-readable line
 //! (`concurrency mixer=.. batch=.. callers=.. setting=.. calls_per_s=.. p50_us=.. p99_us=..`).
 
-use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use tch::{nn, Device, Kind, Tensor};
@@ -25,6 +24,9 @@ use tch_mix::{
     AttentionConfig, CrossAttentionMixer, GlobalWeightsMixer, InstanceWeightsMixer, Mixer,
     SelfAttentionMixer, SharedMixer,
 };
+
+#[path = "../bench-peers/common/callers.rs"]
+mod callers;
 
 struct Options {
     mod_dim: i64,
@@ -85,54 +87,6 @@ fn build(name: &str, options: &Options, path: &nn::Path) -> Result<Box<dyn Mixer
     })
 }
 
-/// One run: `callers` threads calling `mixer` on their own batch until `seconds` have passed;
-/// the number of calls per second and every call's latency.
-fn run(
-    mixer: &Arc<SharedMixer>,
-    callers: usize,
-    shape: [i64; 3],
-    one_thread: bool,
-    seconds: f64,
-) -> Result<(f64, Vec<Duration>)> {
-    let barrier = Arc::new(Barrier::new(callers + 1));
-    let workers: Vec<_> = (0..callers)
-        .map(|_| {
-            let (mixer, barrier) = (Arc::clone(mixer), Arc::clone(&barrier));
-            std::thread::spawn(move || -> Result<(usize, Vec<Duration>)> {
-                if one_thread {
-                    tch::set_num_threads(1);
-                }
-                let inp = Tensor::f_randn(shape, (Kind::Float, Device::Cpu))?;
-                for _ in 0..20 {
-                    drop(mixer.forward(&inp, None)?);
-                }
-                barrier.wait();
-                let (start, mut latencies) = (Instant::now(), Vec::new());
-                while start.elapsed().as_secs_f64() < seconds {
-                    let call = Instant::now();
-                    drop(mixer.forward(&inp, None)?);
-                    latencies.push(call.elapsed());
-                }
-                Ok((latencies.len(), latencies))
-            })
-        })
-        .collect();
-    barrier.wait();
-    let start = Instant::now();
-    let (mut calls, mut latencies) = (0, Vec::new());
-    for worker in workers {
-        let (n, mut own) = worker.join().map_err(|_| anyhow::anyhow!("a caller panicked"))??;
-        calls += n;
-        latencies.append(&mut own);
-    }
-    Ok((calls as f64 / start.elapsed().as_secs_f64(), latencies))
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let at = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(at).map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
-}
-
 fn main() -> Result<()> {
     let options = parse()?;
     let threads = tch::get_num_threads();
@@ -156,21 +110,21 @@ fn main() -> Result<()> {
         for &batch in &options.batches {
             for &callers in &options.callers {
                 for (setting, one_thread) in [("default", false), ("1 thread", true)] {
-                    let (mut rates, mut latencies) = (Vec::new(), Vec::new());
-                    for _ in 0..options.runs {
-                        let shape = [batch, options.n_features, options.mod_dim];
-                        let (rate, mut own) =
-                            run(&mixer, callers, shape, one_thread, options.seconds)?;
-                        rates.push(rate);
-                        latencies.append(&mut own);
-                        // A caller's `set_num_threads` is also the setting that threads started
-                        // later begin with: back to the default for the next cell.
-                        tch::set_num_threads(threads);
-                    }
-                    rates.sort_by(f64::total_cmp);
-                    latencies.sort();
-                    let rate = rates[rates.len() / 2];
-                    let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+                    let shape = [batch, options.n_features, options.mod_dim];
+                    // Each caller its own batch, on its own thread.
+                    let setup = |_| -> Result<_> {
+                        if one_thread {
+                            tch::set_num_threads(1);
+                        }
+                        let (mixer, inp) =
+                            (&mixer, Tensor::f_randn(shape, (Kind::Float, Device::Cpu))?);
+                        Ok(move || mixer.forward(&inp, None).map(drop).map_err(Into::into))
+                    };
+                    let (rate, p50, p99) =
+                        callers::measure(options.runs, callers, options.seconds, setup)?;
+                    // A caller's `set_num_threads` is also the setting that threads started
+                    // later begin with: back to the default for the next cell.
+                    tch::set_num_threads(threads);
                     println!(
                         "{name:<9} {batch:>5} {callers:>7} {setting:<9} {rate:>12.0} {p50:>9.1} \
                          {p99:>9.1}"

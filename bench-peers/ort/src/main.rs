@@ -27,8 +27,6 @@
 //! p99_us=..` per number of callers (throughput: the median run; percentiles: every call).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ort::environment::{Environment, GlobalThreadPoolOptions};
@@ -37,6 +35,8 @@ use ort::session::Session;
 use ort::value::Tensor;
 use safetensors::SafeTensors;
 
+#[path = "../../common/callers.rs"]
+mod callers;
 #[path = "../../common/median.rs"]
 mod median;
 #[path = "../../common/variants.rs"]
@@ -190,52 +190,6 @@ fn fastest(
     best.with_context(|| format!("no {prefix}onnx-*.onnx in {} passed", options.dir.display()))
 }
 
-/// One run of `callers` threads, each on its own session of `file`, calling it on `input` for
-/// `seconds`: calls per second and every call's latency.
-fn concurrent_run(
-    environment: &Environment,
-    file: &Path,
-    options: &Options,
-    callers: usize,
-    input: &(Vec<i64>, Vec<f32>),
-) -> Result<(f64, Vec<Duration>)> {
-    let barrier = Arc::new(Barrier::new(callers + 1));
-    let mut sessions = (0..callers)
-        .map(|_| session(environment, file, options).map_err(anyhow::Error::from))
-        .collect::<Result<Vec<_>>>()?;
-    let seconds = options.seconds;
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = sessions
-            .iter_mut()
-            .map(|session| {
-                let barrier = Arc::clone(&barrier);
-                scope.spawn(move || -> Result<Vec<Duration>> {
-                    let inp = Tensor::from_array(input.clone())?;
-                    for _ in 0..20 {
-                        session.run(ort::inputs![&inp])?;
-                    }
-                    barrier.wait();
-                    let (start, mut latencies) = (Instant::now(), Vec::new());
-                    while start.elapsed().as_secs_f64() < seconds {
-                        let call = Instant::now();
-                        session.run(ort::inputs![&inp])?;
-                        latencies.push(call.elapsed());
-                    }
-                    Ok(latencies)
-                })
-            })
-            .collect();
-        barrier.wait();
-        let start = Instant::now();
-        let mut latencies = Vec::new();
-        for worker in workers {
-            let mut own = worker.join().map_err(|_| anyhow::anyhow!("a caller panicked"))??;
-            latencies.append(&mut own);
-        }
-        Ok((latencies.len() as f64 / start.elapsed().as_secs_f64(), latencies))
-    })
-}
-
 /// Every `--callers` count on the forward graph `file`: one `concurrency` line each.
 fn concurrency(
     environment: &Environment,
@@ -244,26 +198,17 @@ fn concurrency(
     input: &(Vec<i64>, Vec<f32>),
 ) -> Result<()> {
     for &callers in &options.callers {
-        let (mut rates, mut latencies) = (Vec::new(), Vec::new());
-        for _ in 0..options.runs {
-            let (rate, mut own) = concurrent_run(environment, file, options, callers, input)?;
-            rates.push(rate);
-            latencies.append(&mut own);
-        }
-        rates.sort_by(f64::total_cmp);
-        latencies.sort();
-        let percentile = |p: f64| {
-            let at = ((latencies.len() as f64 - 1.0) * p).round() as usize;
-            latencies.get(at).map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
+        // Each caller its own session (`run` takes `&mut self`) and input, on its own thread.
+        let setup = |_| -> Result<_> {
+            let mut session = session(environment, file, options)?;
+            let inp = Tensor::from_array(input.clone())?;
+            Ok(move || session.run(ort::inputs![&inp]).map(drop).map_err(Into::into))
         };
+        let (rate, p50, p99) = callers::measure(options.runs, callers, options.seconds, setup)?;
         println!(
             "concurrency mixer={} batch={} callers={callers} setting=onnxruntime \
              calls_per_s={:.0} p50_us={:.2} p99_us={:.2}",
-            options.mixer,
-            options.batch,
-            rates[rates.len() / 2],
-            percentile(0.5),
-            percentile(0.99)
+            options.mixer, options.batch, rate, p50, p99
         );
     }
     Ok(())
