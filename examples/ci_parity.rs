@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use anyhow::{ensure, Context, Result};
 use tch::{nn, Device};
-use tch_mix::fixture::{compare_to_truth, Fixture};
+use tch_mix::fixture::Fixture;
 use tch_mix::StateDict;
 
 fn main() -> Result<()> {
@@ -38,8 +38,7 @@ fn main() -> Result<()> {
         let input = fixture.tensor("input")?.to_device(device);
         let mask = fixture.tensor("mask")?.to_device(device);
         let output = tch::no_grad(|| mixer.f_forward_t(&input, Some(&mask), false))?;
-        let truth = fixture.tensor("truth.output")?;
-        let served = compare_to_truth("served output", &output, fixture.tensor("output")?, truth)?;
+        let served = fixture.judge("served output", "output", &output)?;
         println!("{name}: {served} -> {}", if served.passed { "PASS" } else { "FAIL" });
         failed += usize::from(!served.passed);
     }

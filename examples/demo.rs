@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use tch::{nn, Device, Kind};
-use tch_mix::fixture::{compare_to_truth, Fixture};
+use tch_mix::fixture::Fixture;
 use tch_mix::StateDict;
 
 const MIXERS: [&str; 4] = ["global", "instance", "cross", "self"];
@@ -55,18 +55,8 @@ fn demo(dir: &std::path::Path, name: &str) -> Result<bool> {
         println!("  feature {feature} {share:>6.3} {bar}{marker}");
     }
     // Judged as `tch-mix check` judges: the distance to swak's float64 truth against swak's own.
-    let output = compare_to_truth(
-        "output",
-        &mixed,
-        fixture.tensor("output")?,
-        fixture.tensor("truth.output")?,
-    )?;
-    let weights_cmp = compare_to_truth(
-        "importance",
-        &importance,
-        fixture.tensor("importance")?,
-        fixture.tensor("truth.importance")?,
-    )?;
+    let output = fixture.judge("output", "output", &mixed)?;
+    let weights_cmp = fixture.judge("importance", "importance", &importance)?;
     let passed = output.passed && weights_cmp.passed;
     println!(
         "  parity with swak: {output}\n                    {weights_cmp} -> {}\n",

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use tch::{Device, Tensor};
-use tch_mix::fixture::{Fixture, Rule};
+use tch_mix::fixture::{Fixture, Rule, TRUTH_MULTIPLE};
 
 fn fixture_files() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(common::fixtures())
@@ -281,4 +281,26 @@ fn nan_where_swak_has_a_number_fails_either_rule() {
     let report = fixture.check(Device::Cpu).unwrap();
     let row = report.comparisons.iter().find(|c| c.name == "output").unwrap();
     assert!(!row.passed && row.mismatched > 0, "{row:?}");
+}
+
+#[test]
+fn swaks_error_on_neighbouring_problems_widens_the_bound_and_must_be_well_formed() {
+    let mut fixture = scale_fixtures("instance").remove(0);
+    let stored = fixture.tensor("swak_error.output").unwrap().double_value(&[]);
+    let output = |fixture: &Fixture| {
+        let report = fixture.check(Device::Cpu).unwrap();
+        report.comparisons.into_iter().find(|c| c.name == "output").unwrap()
+    };
+    let row = output(&fixture);
+    let errors = row.truth.unwrap();
+    assert_eq!(errors.swak_neighbours, Some(stored), "{row}");
+    assert!(row.to_string().contains("on neighbours"), "{row}");
+    fixture.replace_tensor("swak_error.output", Tensor::from(0.5f64));
+    let widened = output(&fixture).truth.unwrap();
+    assert!(widened.allowed >= TRUTH_MULTIPLE * 0.5, "{widened:?}");
+    for bad in [Tensor::from(-1.0f64), Tensor::from(f64::NAN), Tensor::from_slice(&[0.0f64, 0.0])] {
+        fixture.replace_tensor("swak_error.output", bad);
+        let message = fixture.check(Device::Cpu).unwrap_err().to_string();
+        assert!(message.contains("swak_error.output"), "{message}");
+    }
 }

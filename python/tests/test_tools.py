@@ -46,6 +46,47 @@ def test_a_float32_fixture_carries_swaks_float64_truth(tmp_path):
     assert 0 < (tensors["output"].double() - out).abs().max() < 1e-5
 
 
+def test_swaks_error_is_measured_on_neighbouring_problems(tmp_path):
+    torch.manual_seed(2)
+    mix = fixtures.nonzero_biases(InstanceWeightsMixer(8, 4))
+    inp = torch.randn(6, 4, 8)
+    tch_mix_tools.export_fixture(mix, inp, tmp_path / "f.safetensors", neighbours=3)
+    tensors, meta = read(tmp_path / "f.safetensors")
+    assert meta["neighbours"] == "3"
+    results = ["output", "importance", "grad.input"] + [f"grad.state.{k}" for k, _ in mix.named_parameters()]
+    for name in results:
+        error = tensors[f"swak_error.{name}"]
+        assert error.dtype == torch.float64 and error.dim() == 0, name
+        # Rounding errors of float32, not zero and not more.
+        assert 0 < error.item() < 1e-4, (name, error.item())
+    # The same draw for the same seed.
+    tch_mix_tools.export_fixture(mix, inp, tmp_path / "g.safetensors", neighbours=3)
+    again, _ = read(tmp_path / "g.safetensors")
+    assert all(torch.equal(tensors[k], again[k]) for k in tensors if k.startswith("swak_error."))
+
+
+def test_a_neighbour_moves_every_finite_nonzero_number_by_one_unit():
+    from tch_mix_tools.fixture import nudged
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        big = torch.finfo(dtype).max
+        values = [1.0, -3.5, 0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-3, -7.0, 1e-30, big, -big]
+        t = torch.tensor(values * 8, dtype=dtype)
+        moved = nudged(t, torch.Generator().manual_seed(0))
+        ups = 0
+        for before, after in zip(t.tolist(), moved.tolist()):
+            if before == 0 or before != before or abs(before) == float("inf"):
+                assert after == before or (before != before and after != after), (dtype, before, after)
+                continue
+            if abs(before) == big and after == before:
+                continue  # one unit up would be infinite
+            assert after != before and (after > 0) == (before > 0), (dtype, before, after)
+            # Adjacent: nothing of the dtype lies between (the midpoint rounds to one of them).
+            middle = torch.tensor((before + after) / 2, dtype=torch.float64).to(dtype).item()
+            assert middle in (before, after), (dtype, before, after)
+            ups += abs(after) > abs(before)
+        assert 0 < ups < 8 * 8, (dtype, ups)  # up and down both drawn
+
+
 def test_a_float64_fixture_has_no_truth(tmp_path):
     mix = GlobalWeightsMixer(4, 3, dtype=torch.float64)
     tch_mix_tools.export_fixture(mix, torch.randn(2, 3, 4), tmp_path / "f.safetensors")

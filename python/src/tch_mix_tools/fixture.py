@@ -16,9 +16,15 @@ The fixture holds ``state.<key>`` for every ``state_dict()`` entry, ``input``, o
 ``grad.input`` and ``grad.state.<key>``: the gradients of ``(output * cotangent).sum()``.
 For a mixer below float64 it also holds the truth: ``truth.<name>`` for each of those results,
 computed by swak in float64 on a float64 copy of the mixer from the same weights, input, mask and
-cotangent (metadata ``truth`` = ``float64``). ``tch-mix check`` judges tch-mix by its distance
-to that truth against swak's own. ``ignore.<name>`` (bool, optional) marks values that depend on
-the order of floating-point sums, which the check leaves out.
+cotangent (metadata ``truth`` = ``float64``), and ``swak_error.<name>`` (a float64 scalar):
+swak's largest error from the float64 truth over ``neighbours`` neighbouring problems (metadata
+``neighbours``), the same mixer and input with every finite non-zero number of the input and the
+weights moved one unit in the last place, up or down at random. ``tch-mix check`` judges
+tch-mix by its distance to the truth against swak's own error, the larger of the fixture's and
+its neighbours': one computation's rounding error is a draw of luck (two scores rounded the
+same way cancel in a softmax), nine draws are a measure of its size. ``ignore.<name>`` (bool,
+optional) marks values that depend on the order of floating-point sums, which the check leaves
+out.
 
 Outputs are computed with autograd enabled, which keeps PyTorch's attention on its regular
 (SDPA) path rather than the inference fast path. Where tch-mix deliberately differs from swak,
@@ -65,7 +71,12 @@ def metadata(mixer) -> dict[str, str]:
     }
 
 
-def export_fixture(mixer, inp, path, mask=None, *, gradients=True, seed=0, ignore=None, meta=None):
+NEIGHBOURS = 8
+"""How many neighbouring problems measure swak's error where the fixture has a truth."""
+
+
+def export_fixture(mixer, inp, path, mask=None, *, gradients=True, seed=0, ignore=None, meta=None,
+                   neighbours=NEIGHBOURS):
     """Run ``mixer`` (in eval mode) on ``inp`` and write everything tch-mix compares to ``path``.
 
     ``inp`` is cast to the mixer's dtype and device; ``mask`` (bool, True = ignore the feature,
@@ -73,7 +84,8 @@ def export_fixture(mixer, inp, path, mask=None, *, gradients=True, seed=0, ignor
     ``gradients`` adds the gradient block for a cotangent drawn with ``seed``. ``ignore`` maps
     result names (``output``, ``grad.input``, ...) to bool tensors of their shape: True where a
     value depends on the order of floating-point sums and is not to be compared. ``meta`` adds
-    entries to the metadata (strings).
+    entries to the metadata (strings). ``neighbours`` is how many neighbouring problems (drawn
+    with ``seed``) measure swak's error beside the fixture's own, for a mixer below float64.
     """
     mixer.eval()
     inp = inp.detach().to(device=mixer.device, dtype=mixer.dtype)
@@ -101,6 +113,9 @@ def export_fixture(mixer, inp, path, mask=None, *, gradients=True, seed=0, ignor
         truth = results(exact, inp.double(), exact_mask, exact_cotangent)
         tensors.update({f"truth.{k}": v for k, v in truth.items()})
         fixture_meta["truth"] = "float64"
+        errors = neighbour_errors(mixer, inp, mask, cotangent, neighbours, seed, ignore or {})
+        tensors.update({f"swak_error.{k}": v for k, v in errors.items()})
+        fixture_meta["neighbours"] = str(neighbours)
     for name, flags in (ignore or {}).items():
         if name not in tensors or name.startswith(("truth.", "state.", "ignore.")):
             raise ValueError(f"ignore: {name!r} is not a result of the fixture")
@@ -135,6 +150,48 @@ def results(mixer, inp, mask, cotangent):
             importance = importance.masked_fill(hidden.all(dim=-1, keepdim=True), 0.0)
         tensors["importance"] = importance.detach().clone().contiguous()
     return tensors
+
+
+def neighbour_errors(mixer, inp, mask, cotangent, count, seed, ignore):
+    """For each result, swak's largest error from the float64 truth over ``count`` neighbouring
+    problems: the mixer and input with each finite non-zero number moved by one unit in the last
+    place (up or down, drawn with ``seed``), computed in the mixer's dtype and in float64. Over the
+    values finite in both and not in ``ignore``; 0 for ``count`` 0."""
+    generator = torch.Generator().manual_seed(1_000_003 + seed)
+    exact_mask = mask if mask is None or mask.dtype == torch.bool else mask.double()
+    exact_cotangent = None if cotangent is None else cotangent.double()
+    worst = {}
+    for _ in range(count):
+        near = copy.deepcopy(mixer)
+        with torch.no_grad():
+            for parameter in near.parameters():
+                parameter.copy_(nudged(parameter, generator))
+        near_inp = nudged(inp, generator)
+        rounded = results(near, near_inp, mask, cotangent)
+        exact = results(copy.deepcopy(near).double(), near_inp.double(), exact_mask, exact_cotangent)
+        for name, value in rounded.items():
+            value, truth = value.double(), exact[name]
+            judged = value.isfinite() & truth.isfinite()
+            if name in ignore:
+                judged &= ~ignore[name].to(judged.device)
+            error = (value - truth).abs()[judged].max() if judged.any() else torch.tensor(0.0)
+            worst[name] = max(worst.get(name, 0.0), error.item())
+    names = worst or dict.fromkeys(results(mixer, inp, mask, cotangent), 0.0)
+    return {name: torch.tensor(worst.get(name, 0.0), dtype=torch.float64) for name in names}
+
+
+UNITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def nudged(tensor, generator):
+    """``tensor`` with each finite non-zero element moved by one unit in the last place, up or
+    down in magnitude at random (an element that would become infinite stays as it is)."""
+    units = UNITS[tensor.dtype]
+    steps = torch.randint(0, 2, tuple(tensor.shape), generator=generator, dtype=torch.int64) * 2 - 1
+    # Adding 1 to the bits of a finite float moves its magnitude up by one unit, whatever its sign.
+    moved = (tensor.detach().contiguous().view(units) + steps.to(tensor.device, units)).view(tensor.dtype)
+    keep = (tensor == 0) | ~tensor.isfinite() | ~moved.isfinite()
+    return torch.where(keep, tensor, moved)
 
 
 def call(method, mixer, inp, mask):
