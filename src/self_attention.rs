@@ -81,6 +81,12 @@ impl Attend for SelfAttentionMixer {
         let q = qk.f_narrow(-1, 0, d)?.f_view([n, f, h, hd])?.f_transpose(1, 2)?;
         let k = qk.f_narrow(-1, d, d)?.f_view([n, f, h, hd])?.f_permute([0, 2, 3, 1])?;
         let scores = q.f_mul_scalar(1.0 / (hd as f64).sqrt())?.f_matmul(&k)?;
+        if scores.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+            // An infinite input (or an overflowing score) can leave a query nothing but -inf
+            // scores: PyTorch's attention gives that row zero weights (its importance, a plain
+            // softmax, NaN), which reaches the value weights' gradients; its op sequence decides.
+            return Ok(None);
+        }
         attention::masked_softmax(scores, mask, &[n, 1, 1, f]).map(Some)
     }
 

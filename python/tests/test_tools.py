@@ -121,6 +121,22 @@ def test_the_huge_pattern_leaves_out_only_the_order_dependent_gradients(tmp_path
     assert not any(name.startswith("ignore.") for name in tensors)
 
 
+def test_the_dead_query_pattern_leaves_a_query_nothing_but_minus_inf_scores():
+    for seed in range(20):
+        for dtype in (torch.float32, torch.float64):
+            torch.manual_seed(seed)
+            mix = fixtures.nonfinite_mixer("self", dtype)
+            inp, _ = fixtures.nonfinite_case("deadquery", dtype, torch.Generator().manual_seed(seed))
+            fixtures.dead_query(mix, inp)
+            d, hd = fixtures.NF_MOD_DIM, fixtures.NF_MOD_DIM // fixtures.NF_HEADS
+            qkv = inp[0] @ mix.attention.in_proj_weight.T + mix.attention.in_proj_bias
+            q, k = qkv[:, :hd], qkv[:, d:d + hd]
+            scores = q @ k.T  # (query, key), head 0
+            assert bool(scores[1].isneginf().all()), (seed, dtype, scores)
+            others = scores[[0, 2, 3]]
+            assert bool(others[:, 1].isneginf().all() and others[:, [0, 2, 3]].isfinite().all()), (seed, dtype, scores)
+
+
 def test_generators_are_deterministic_per_seed(tmp_path):
     for seed, folder in [(5, "a"), (5, "b"), (6, "c")]:
         fixtures.write_scale(tmp_path / folder, seed, scales=(3,), small=True)

@@ -6,8 +6,8 @@ entry ``seed`` does):
 - the grid (``tch-mix-gen-fixtures``, 192 files): every mixer flag, 2-D/3-D/4-D inputs, 0, 1 and
   3 features, 1-3 heads, no/bool/float masks (fully masked rows too), in float64, float32,
   bfloat16 and float16, each with a gradient block;
-- the NaN/Inf set (``tch-mix-gen-nonfinite-fixtures``, 64 files ``nonfinite-*``): each mixer in
-  float32 and float64, on 3-D input with 4 features and 2 heads, with one of eight patterns
+- the NaN/Inf set (``tch-mix-gen-nonfinite-fixtures``, 72 files ``nonfinite-*``): each mixer in
+  float32 and float64, on 3-D input with 4 features and 2 heads, with one of nine patterns
   (``PATTERNS``);
 - the trained-scale set (``tch-mix-gen-scale-fixtures``, ``scale-*``): each mixer in float32 with
   16 features, 4 heads and a batch of 64, mod_dim 64, 100 and 256, its weights at 1x, 3x and 10x
@@ -134,6 +134,7 @@ PATTERNS = {
     "nanrow": "one instance all NaN",
     "posinf": "one +inf input element",
     "neginf": "one -inf input element",
+    "deadquery": "one +inf input element whose query has nothing but -inf scores in head 0 (self-attention)",
     "huge": "one finite input element of sqrt(finfo.max) / 1000, in instance HUGE_ROW",
     "masknan": "a float mask with a NaN",
     "maskinf": "a float mask with +inf",
@@ -166,7 +167,7 @@ def nonfinite_case(pattern, dtype, generator):
         inp[1, 2, 3] = float("nan")
     elif pattern == "nanrow":
         inp[2] = float("nan")
-    elif pattern == "posinf":
+    elif pattern in ("posinf", "deadquery"):
         inp[0, 1, 4] = float("inf")
     elif pattern == "neginf":
         inp[3, 0, 0] = float("-inf")
@@ -182,6 +183,26 @@ def nonfinite_case(pattern, dtype, generator):
             mask[0, 1] = float("-inf")
             mask[3] = float("-inf")
     return inp, mask
+
+
+def dead_query(mix, inp):
+    """Sets a self-attention mixer's weights so that the +inf at ``inp[0, 1, 4]`` leaves feature
+    1's query in head 0 nothing but -inf scores, and every other query a finite softmax with zero
+    weight on feature 1: in head 0, feature 1's query takes +inf in each component (positive
+    weights on element 4) and its key -inf (negative weights), while every other query is
+    positive and every other key negative in each component (biases beyond the largest finite
+    input times the row's weights). PyTorch's attention gives the dead row zero weights, so the
+    value weights' gradients stay finite; a plain softmax gives NaN there."""
+    d, hd = NF_MOD_DIM, NF_MOD_DIM // NF_HEADS
+    largest = inp[inp.isfinite()].abs().max().double()
+    with torch.no_grad():
+        weight, bias = mix.attention.in_proj_weight, mix.attention.in_proj_bias
+        weight[:hd, 4] = weight[:hd, 4].abs() + 0.5
+        weight[d:d + hd, 4] = -(weight[d:d + hd, 4].abs() + 0.5)
+        for rows, sign in ((slice(0, hd), 1.0), (slice(d, d + hd), -1.0)):
+            reach = weight[rows].double().abs().sum(dim=1) * largest
+            bias[rows] = (sign * (1.0 + reach)).to(bias.dtype)
+    return mix
 
 
 def order_dependent(mixer_name, pattern, mix):
@@ -200,7 +221,7 @@ def order_dependent(mixer_name, pattern, mix):
 
 
 def write_nonfinite(out, seed):
-    """Writes the NaN/Inf set's 64 fixtures into ``out``; returns how many."""
+    """Writes the NaN/Inf set's 72 fixtures into ``out``; returns how many."""
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cases = list(itertools.product(["global", "instance", "cross", "self"], ["float64", "float32"], PATTERNS))
@@ -210,6 +231,8 @@ def write_nonfinite(out, seed):
         generator = torch.Generator().manual_seed(case_seed)
         mix = nonfinite_mixer(mixer, DTYPES[dtype_name])
         inp, mask = nonfinite_case(pattern, DTYPES[dtype_name], generator)
+        if pattern == "deadquery" and mixer == "self":
+            dead_query(mix, inp)
         ignore = order_dependent(mixer, pattern, mix)
         meta = {"seed": str(seed), "pattern": PATTERNS[pattern]}
         if ignore:
