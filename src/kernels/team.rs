@@ -8,14 +8,25 @@
 
 use std::cell::Cell;
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tch::{Device, Tensor};
 
-/// Multiply-adds per thread below which the work stays on the calling thread: waking a thread
-/// of the team costs a few microseconds, about as long as this much arithmetic.
+/// Multiply-adds per thread below which the work stays on the calling thread: starting and
+/// ending a team whose helpers spin between regions takes a few microseconds, about as long as
+/// this much arithmetic.
 const MIN_WORK_PER_THREAD: usize = 1 << 17;
+
+/// Multiply-adds per thread per nanosecond that a thread of the team took to join it, below
+/// which the work stays on the calling thread. A part runs about 32 multiply-adds a
+/// nanosecond; a team pays for a late helper where each thread's part takes at least twice as
+/// long as the helper took to arrive (once to start it, once to wait for it at the end).
+const WORK_PER_WAKE_NS: usize = 64;
+
+/// One in this many splits that the wake cost rules out runs all the same, to measure it again.
+const PROBE_EVERY: u32 = 64;
 
 /// A kernel: work over a range of instances that writes only its own part of the outputs.
 pub(crate) trait Kernel: Sync {
@@ -36,6 +47,17 @@ thread_local! {
     /// The threads this thread's mixer call started with (`tch::get_num_threads()` then), to
     /// be shared out among the calls in flight ([`Call`]); 0 outside a call.
     static BUDGET: Cell<usize> = const { Cell::new(0) };
+
+    /// How long the helpers of this thread's teams took to join them, in nanoseconds: the
+    /// latest team's time where it was shorter, else a running mean that rises slowly (a
+    /// helper held up once by the scheduler should not rule out teams for long). libgomp's helpers wait for the next region spinning
+    /// (they join in well under a microsecond) only while it runs no more threads than the
+    /// machine has cores; past that (a service whose request threads each start teams) they
+    /// sleep, and waking one takes tens of microseconds, longer than a small batch's work.
+    static WAKE_NS: Cell<u64> = const { Cell::new(0) };
+
+    /// The splits ruled out by the wake cost since the last one that ran to measure it.
+    static FORGONE: Cell<u32> = const { Cell::new(0) };
 }
 
 /// A call's share of `budget` threads while `in_flight` calls run: an equal part, at least one.
@@ -102,11 +124,39 @@ fn threads() -> usize {
 
 /// The number of instances in each part of a batch of `n` instances of `work` multiply-adds
 /// each: the batch splits over up to [`threads`] threads, each with at least
-/// [`MIN_WORK_PER_THREAD`].
+/// [`MIN_WORK_PER_THREAD`], and with enough to pay for the time this thread's helpers take to
+/// join a team ([`WAKE_NS`]; one in [`PROBE_EVERY`] of the splits that rules out runs all the
+/// same, so that the cost is measured again as it changes).
 pub(crate) fn part_size(n: usize, work: usize) -> usize {
-    let most = n.saturating_mul(work.max(1)) / MIN_WORK_PER_THREAD;
-    let threads = threads().min(most).max(1);
-    n.div_ceil(threads).max(1)
+    let (threads, total) = (threads(), n.saturating_mul(work.max(1)));
+    let cheap = team_size(threads, total, 0);
+    let mut chosen = team_size(threads, total, WAKE_NS.get());
+    if chosen < cheap {
+        let forgone = FORGONE.get() + 1;
+        FORGONE.set(forgone % PROBE_EVERY);
+        if forgone == PROBE_EVERY {
+            chosen = cheap;
+        }
+    }
+    n.div_ceil(chosen).max(1)
+}
+
+/// The threads, at most `threads`, that `total` multiply-adds split over: each with at least
+/// [`MIN_WORK_PER_THREAD`], and with enough to pay for helpers that take `wake_ns` to join.
+fn team_size(threads: usize, total: usize, wake_ns: u64) -> usize {
+    let wake = usize::try_from(wake_ns).unwrap_or(usize::MAX);
+    let least = wake.saturating_mul(WORK_PER_WAKE_NS).max(MIN_WORK_PER_THREAD);
+    threads.min(total / least).max(1)
+}
+
+/// Takes into this thread's [`WAKE_NS`] that the helpers of its latest team took `wake` to join.
+fn measured(wake: Duration) {
+    let sample = u64::try_from(wake.as_nanos()).unwrap_or(u64::MAX);
+    let mean = WAKE_NS.get();
+    WAKE_NS.set(match sample < mean {
+        true => sample,
+        false => mean / 4 * 3 + sample / 4,
+    });
 }
 
 /// The ranges of instances of a batch of `n` in parts of `per` (see [`part_size`]).
@@ -132,16 +182,28 @@ pub(crate) fn run<K: Kernel>(kernel: &K, parts: Vec<(Range<usize>, K::Part)>) {
             run_one(kernel, range, part);
         }
     };
-    if openmp::run(count, &take) {
+    if let Some(wake) = openmp::run(count, &take) {
+        measured(wake);
         return;
     }
+    let start = Instant::now();
+    let latest = AtomicU64::new(0);
     std::thread::scope(|scope| {
         for t in 1..count {
-            let take = &take;
-            scope.spawn(move || take(t));
+            let (take, latest) = (&take, &latest);
+            scope.spawn(move || {
+                latest.fetch_max(nanos_since(start), Ordering::Relaxed);
+                take(t)
+            });
         }
         take(0);
     });
+    measured(Duration::from_nanos(latest.into_inner()));
+}
+
+/// The nanoseconds since `start`, saturated.
+fn nanos_since(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Runs one part in the widest build of the kernel the processor supports: AVX-512VL (32
@@ -218,8 +280,9 @@ fn simd() -> Simd {
 mod openmp {
     use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
     use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     use std::sync::{Mutex, OnceLock};
+    use std::time::{Duration, Instant};
 
     type Parallel =
         unsafe extern "C" fn(unsafe extern "C" fn(*mut c_void), *mut c_void, c_uint, c_uint);
@@ -312,12 +375,15 @@ mod openmp {
         }
     }
 
-    /// What the members of a team share: the parts to run, the next part to take, and a panic.
+    /// What the members of a team share: the parts to run, the next part to take, a panic,
+    /// and when the team started and its last member joined it (nanoseconds after the start).
     struct Team<'a> {
         part: &'a (dyn Fn(usize) + Sync),
         parts: usize,
         next: AtomicUsize,
         panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+        start: Instant,
+        latest: AtomicU64,
     }
 
     /// One OpenMP thread's share: parts taken in turn until none is left, so that a team of any
@@ -328,6 +394,7 @@ mod openmp {
     unsafe extern "C" fn member(data: *mut c_void) {
         // SAFETY: `data` is the `Team` that `run` keeps alive until every member has returned.
         let team = unsafe { &*(data as *const Team<'_>) };
+        team.latest.fetch_max(super::nanos_since(team.start), Ordering::Relaxed);
         loop {
             let t = team.next.fetch_add(1, Ordering::Relaxed);
             if t >= team.parts {
@@ -340,20 +407,27 @@ mod openmp {
         }
     }
 
-    /// Runs `part(0)` .. `part(parts - 1)` on an OpenMP team of up to `parts` threads; false
-    /// (nothing run) where the process has no OpenMP runtime.
-    pub(super) fn run(parts: usize, part: &(dyn Fn(usize) + Sync)) -> bool {
-        let Some(parallel) = runtime() else {
-            return false;
+    /// Runs `part(0)` .. `part(parts - 1)` on an OpenMP team of up to `parts` threads and
+    /// returns how long its last member took to join it (every member, the late ones too, must
+    /// have joined before the team ends); `None` (nothing run) where the process has no OpenMP
+    /// runtime.
+    pub(super) fn run(parts: usize, part: &(dyn Fn(usize) + Sync)) -> Option<Duration> {
+        let parallel = runtime()?;
+        let team = Team {
+            part,
+            parts,
+            next: AtomicUsize::new(0),
+            panic: Mutex::new(None),
+            start: Instant::now(),
+            latest: AtomicU64::new(0),
         };
-        let team = Team { part, parts, next: AtomicUsize::new(0), panic: Mutex::new(None) };
         // SAFETY: `member` only reads `team` through shared references, and GOMP_parallel
         // returns after every member of the team has finished, so `team` outlives them all.
         unsafe { parallel(member, &team as *const Team<'_> as *mut c_void, parts as c_uint, 0) };
         if let Some(panic) = team.panic.into_inner().unwrap_or_else(|p| p.into_inner()) {
             resume_unwind(panic);
         }
-        true
+        Some(Duration::from_nanos(team.latest.into_inner()))
     }
 }
 
@@ -419,6 +493,53 @@ mod tests {
             assert_eq!(tch::get_num_threads(), before, "the thread's setting is restored");
             second_done.wait();
         });
+    }
+
+    #[test]
+    fn helpers_that_join_late_keep_small_batches_on_the_calling_thread() {
+        let total = 16 * MIN_WORK_PER_THREAD;
+        assert_eq!(team_size(4, total, 0), 4, "helpers that join at once");
+        assert_eq!(team_size(4, total, 900), 4, "a spinning team (under a microsecond)");
+        // 40 us to join (sleeping helpers): each thread needs 64 x 40,000 multiply-adds.
+        assert_eq!(team_size(4, total, 40_000), 1);
+        assert_eq!(team_size(4, 4 * 64 * 40_000, 40_000), 4);
+        assert_eq!(team_size(4, 3 * 64 * 40_000, 40_000), 3);
+        assert_eq!(team_size(4, usize::MAX, u64::MAX), 1, "no overflow");
+        assert_eq!(team_size(0, total, 0), 1, "never less than the caller's own thread");
+    }
+
+    #[test]
+    fn the_cost_of_joining_falls_at_once_and_rises_slowly() {
+        WAKE_NS.set(1_000);
+        measured(Duration::from_nanos(41_000));
+        assert_eq!(WAKE_NS.get(), 750 + 10_250, "a late helper moves the mean a quarter");
+        measured(Duration::from_nanos(900));
+        assert_eq!(WAKE_NS.get(), 900, "a prompt team is believed at once");
+        measured(Duration::MAX);
+        assert!(WAKE_NS.get() >= u64::MAX / 4, "saturated, not wrapped");
+        WAKE_NS.set(0);
+    }
+
+    #[test]
+    fn a_split_ruled_out_by_the_cost_of_joining_runs_once_in_a_while_to_measure_it() {
+        if threads() < 2 {
+            eprintln!("skipped: libtorch runs one thread here, so no batch splits");
+            return;
+        }
+        let (n, work) = (64, 4 * MIN_WORK_PER_THREAD);
+        WAKE_NS.set(u64::MAX / 2);
+        FORGONE.set(0);
+        let parts: Vec<usize> = (0..2 * PROBE_EVERY).map(|_| part_size(n, work)).collect();
+        let probes = parts.iter().filter(|&&per| per < n).count();
+        assert_eq!(probes, 2, "one probe in {PROBE_EVERY}: {parts:?}");
+        WAKE_NS.set(0);
+        assert!(part_size(n, work) < n, "prompt helpers split the batch");
+        // A real team measures how long its helpers took.
+        let seen = AtomicUsize::new(0);
+        let mut out = [0; 2];
+        run(&Count(&seen), ranges(2, 1).zip(out.chunks_mut(1)).collect());
+        assert!(WAKE_NS.get() > 0, "the team's joining time is taken in");
+        WAKE_NS.set(0);
     }
 
     #[test]
