@@ -6,7 +6,8 @@
 //! attention mixers widen to f32 and take them too); elsewhere (CUDA, training) callers use
 //! libtorch ops, which the kernels equal up to rounding (the parity fixtures check both).
 //!
-//! - [`team`]: how a kernel runs (parts of the batch on libtorch's OpenMP team, SIMD builds);
+//! - [`team`]: how a kernel runs (parts of the batch on libtorch's OpenMP team or on a pool of
+//!   tch-mix's own, SIMD builds);
 //! - [`memory`]: tensors as slices, and their division among the parts;
 //! - [`math`]: the arithmetic the kernels share;
 //! - one file per kernel: [`weighted`], [`mod@cross`], [`mod@instance`], [`self_attention`],
@@ -19,7 +20,7 @@ mod math;
 #[allow(unsafe_code)] // raw views of tensors' memory
 mod memory;
 mod self_attention;
-#[allow(unsafe_code)] // libgomp through C, and the SIMD builds
+#[allow(unsafe_code)] // libgomp through C, the SIMD builds, the pool's view of a team
 mod team;
 mod weighted;
 

@@ -1,13 +1,17 @@
 //! How a kernel runs: its batch split into parts, the parts on libtorch's own OpenMP team (or
-//! on scoped threads where no OpenMP runtime is loaded), each part in the widest build of the
-//! kernel the processor supports; and how concurrent mixer calls share the cores ([`Call`]).
+//! on scoped threads where no OpenMP runtime is loaded), or on tch-mix's own [`pool`] of
+//! helpers where the OpenMP team's helpers sleep between regions, each part in the widest
+//! build of the kernel the processor supports; and how concurrent mixer calls share the cores
+//! ([`Call`]).
 //!
 //! One of the two places with `unsafe` code (the other is [`super::memory`]): the entry points
-//! of libgomp and MKL, looked up with `dlsym` and called through C, and the calls of the
-//! AVX2 + FMA and AVX-512VL builds of the kernels.
+//! of libgomp and MKL, looked up with `dlsym` and called through C, the calls of the
+//! AVX2 + FMA and AVX-512VL builds of the kernels, and the pool's view of the team it offers.
 
+use std::any::Any;
 use std::cell::Cell;
 use std::ops::Range;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -19,14 +23,18 @@ use tch::{Device, Tensor};
 /// this much arithmetic.
 const MIN_WORK_PER_THREAD: usize = 1 << 17;
 
-/// Multiply-adds per thread per nanosecond that a thread of the team took to join it, below
-/// which the work stays on the calling thread. A part runs about 32 multiply-adds a
-/// nanosecond; a team pays for a late helper where each thread's part takes at least twice as
-/// long as the helper took to arrive (once to start it, once to wait for it at the end).
-const WORK_PER_WAKE_NS: usize = 64;
+/// How long (nanoseconds) a thread's OpenMP helpers may take to join its teams for the kernels
+/// to run on them; slower, and they run on tch-mix's own [`pool`], whose helpers spin for a
+/// while after each kernel.
+const ASLEEP_NS: u64 = 5_000;
 
-/// One in this many splits that the wake cost rules out runs all the same, to measure it again.
-const PROBE_EVERY: u32 = 64;
+/// OpenMP teams in a row whose helpers joined late, after which a thread's kernels run on the
+/// [`pool`].
+const SLOW_TEAMS: u32 = 8;
+
+/// One in this many teams of a thread whose OpenMP helpers were found asleep runs on them all
+/// the same, to measure them again.
+const PROBE_EVERY: u32 = 256;
 
 /// A kernel: work over a range of instances that writes only its own part of the outputs.
 pub(crate) trait Kernel: Sync {
@@ -48,16 +56,17 @@ thread_local! {
     /// be shared out among the calls in flight ([`Call`]); 0 outside a call.
     static BUDGET: Cell<usize> = const { Cell::new(0) };
 
-    /// How long the helpers of this thread's teams took to join them, in nanoseconds: the
-    /// latest team's time where it was shorter, else a running mean that rises slowly (a
-    /// helper held up once by the scheduler should not rule out teams for long). libgomp's helpers wait for the next region spinning
-    /// (they join in well under a microsecond) only while it runs no more threads than the
-    /// machine has cores; past that (a service whose request threads each start teams) they
-    /// sleep, and waking one takes tens of microseconds, longer than a small batch's work.
-    static WAKE_NS: Cell<u64> = const { Cell::new(0) };
+    /// How many of this thread's latest OpenMP teams in a row had a helper that took longer
+    /// than [`ASLEEP_NS`] to join (at most [`SLOW_TEAMS`]). libgomp's helpers wait for the
+    /// next region spinning (they join in about a microsecond) only while it runs no more
+    /// threads than the machine has cores; past that (a service whose request threads each
+    /// start teams) they sleep, and waking one takes tens of microseconds, longer than a small
+    /// batch's work. A helper held up once by the scheduler, or started for the first team,
+    /// breaks no streak.
+    static SLOW: Cell<u32> = const { Cell::new(0) };
 
-    /// The splits ruled out by the wake cost since the last one that ran to measure it.
-    static FORGONE: Cell<u32> = const { Cell::new(0) };
+    /// Teams run on the [`pool`] since the last one that ran on OpenMP to measure it.
+    static SINCE_PROBE: Cell<u32> = const { Cell::new(0) };
 }
 
 /// A call's share of `budget` threads while `in_flight` calls run: an equal part, at least one.
@@ -124,38 +133,31 @@ fn threads() -> usize {
 
 /// The number of instances in each part of a batch of `n` instances of `work` multiply-adds
 /// each: the batch splits over up to [`threads`] threads, each with at least
-/// [`MIN_WORK_PER_THREAD`], and with enough to pay for the time this thread's helpers take to
-/// join a team ([`WAKE_NS`]; one in [`PROBE_EVERY`] of the splits that rules out runs all the
-/// same, so that the cost is measured again as it changes).
+/// [`MIN_WORK_PER_THREAD`].
 pub(crate) fn part_size(n: usize, work: usize) -> usize {
-    let (threads, total) = (threads(), n.saturating_mul(work.max(1)));
-    let cheap = team_size(threads, total, 0);
-    let mut chosen = team_size(threads, total, WAKE_NS.get());
-    if chosen < cheap {
-        let forgone = FORGONE.get() + 1;
-        FORGONE.set(forgone % PROBE_EVERY);
-        if forgone == PROBE_EVERY {
-            chosen = cheap;
-        }
+    let most = n.saturating_mul(work.max(1)) / MIN_WORK_PER_THREAD;
+    let threads = threads().min(most).max(1);
+    n.div_ceil(threads).max(1)
+}
+
+/// Where this thread's next team runs: on libtorch's OpenMP helpers unless [`SLOW_TEAMS`] in a
+/// row found them asleep (and then one team in [`PROBE_EVERY`], to measure them again), else on
+/// the [`pool`].
+fn on_openmp() -> bool {
+    if SLOW.get() < SLOW_TEAMS {
+        return true;
     }
-    n.div_ceil(chosen).max(1)
+    let since = SINCE_PROBE.get() + 1;
+    SINCE_PROBE.set(since % PROBE_EVERY);
+    since == PROBE_EVERY
 }
 
-/// The threads, at most `threads`, that `total` multiply-adds split over: each with at least
-/// [`MIN_WORK_PER_THREAD`], and with enough to pay for helpers that take `wake_ns` to join.
-fn team_size(threads: usize, total: usize, wake_ns: u64) -> usize {
-    let wake = usize::try_from(wake_ns).unwrap_or(usize::MAX);
-    let least = wake.saturating_mul(WORK_PER_WAKE_NS).max(MIN_WORK_PER_THREAD);
-    threads.min(total / least).max(1)
-}
-
-/// Takes into this thread's [`WAKE_NS`] that the helpers of its latest team took `wake` to join.
+/// Takes into this thread's [`SLOW`] streak that the helpers of its latest OpenMP team took
+/// `wake` to join.
 fn measured(wake: Duration) {
-    let sample = u64::try_from(wake.as_nanos()).unwrap_or(u64::MAX);
-    let mean = WAKE_NS.get();
-    WAKE_NS.set(match sample < mean {
-        true => sample,
-        false => mean / 4 * 3 + sample / 4,
+    SLOW.set(match wake.as_nanos() > u128::from(ASLEEP_NS) {
+        true => (SLOW.get() + 1).min(SLOW_TEAMS),
+        false => 0,
     });
 }
 
@@ -165,8 +167,10 @@ pub(crate) fn ranges(n: usize, per: usize) -> impl Iterator<Item = Range<usize>>
 }
 
 /// Runs `kernel` over every `(range, part)`, the caller's thread taking a share. The parts run
-/// on libtorch's OpenMP workers where its runtime is present: a second set of threads would
-/// compete with them, since OpenMP workers spin for a while after every libtorch op.
+/// on libtorch's OpenMP helpers where its runtime is present and they join promptly: a second
+/// set of threads would compete with them, since they spin for a while after every libtorch op.
+/// Where they sleep between regions, the parts run on tch-mix's own [`pool`] (on the caller's
+/// thread alone while another call's kernel has it).
 pub(crate) fn run<K: Kernel>(kernel: &K, parts: Vec<(Range<usize>, K::Part)>) {
     if parts.len() <= 1 {
         parts.into_iter().for_each(|(range, part)| run_one(kernel, range, part));
@@ -182,23 +186,76 @@ pub(crate) fn run<K: Kernel>(kernel: &K, parts: Vec<(Range<usize>, K::Part)>) {
             run_one(kernel, range, part);
         }
     };
-    if let Some(wake) = openmp::run(count, &take) {
-        measured(wake);
-        return;
-    }
-    let start = Instant::now();
-    let latest = AtomicU64::new(0);
-    std::thread::scope(|scope| {
-        for t in 1..count {
-            let (take, latest) = (&take, &latest);
-            scope.spawn(move || {
-                latest.fetch_max(nanos_since(start), Ordering::Relaxed);
-                take(t)
-            });
+    let team = Team::new(&take, count);
+    if !on_openmp() {
+        if !pool::run(&team) {
+            team.work();
         }
-        take(0);
-    });
-    measured(Duration::from_nanos(latest.into_inner()));
+    } else if openmp::run(&team) {
+        measured(team.joined());
+    } else {
+        std::thread::scope(|scope| {
+            for _ in 1..count {
+                scope.spawn(|| team.work());
+            }
+            team.work();
+        });
+        measured(team.joined());
+    }
+    team.finish();
+}
+
+/// What the threads of a team share: the parts to run, the next part to take, a panic, and
+/// when the team started and its last member joined it (nanoseconds after the start).
+struct Team<'a> {
+    part: &'a (dyn Fn(usize) + Sync),
+    parts: usize,
+    next: AtomicUsize,
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
+    start: Instant,
+    latest: AtomicU64,
+}
+
+impl<'a> Team<'a> {
+    /// A team for `part(0)` .. `part(parts - 1)`, starting now.
+    fn new(part: &'a (dyn Fn(usize) + Sync), parts: usize) -> Self {
+        Self {
+            part,
+            parts,
+            next: AtomicUsize::new(0),
+            panic: Mutex::new(None),
+            start: Instant::now(),
+            latest: AtomicU64::new(0),
+        }
+    }
+
+    /// One member's share: parts taken in turn until none is left, so that a team of any size
+    /// runs every part once. A panic is kept for [`Team::finish`], never unwound into the
+    /// thread that runs the member (OpenMP's C code, or a helper of the pool).
+    fn work(&self) {
+        self.latest.fetch_max(nanos_since(self.start), Ordering::Relaxed);
+        loop {
+            let t = self.next.fetch_add(1, Ordering::Relaxed);
+            if t >= self.parts {
+                return;
+            }
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| (self.part)(t))) {
+                *self.panic.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(panic);
+            }
+        }
+    }
+
+    /// How long the team's last member took to join it.
+    fn joined(&self) -> Duration {
+        Duration::from_nanos(self.latest.load(Ordering::Relaxed))
+    }
+
+    /// Ends the team on the caller's thread, resuming a part's panic there.
+    fn finish(self) {
+        if let Some(panic) = self.panic.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            resume_unwind(panic);
+        }
+    }
 }
 
 /// The nanoseconds since `start`, saturated.
@@ -275,14 +332,15 @@ fn simd() -> Simd {
     })
 }
 
+mod pool;
+
 /// libtorch's OpenMP runtime (libgomp in PyTorch's Linux wheels, or a runtime that speaks its
 /// ABI) and the thread setting of its MKL, looked up in the running process.
 mod openmp {
     use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
-    use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-    use std::sync::{Mutex, OnceLock};
-    use std::time::{Duration, Instant};
+    use std::sync::OnceLock;
+
+    use super::Team;
 
     type Parallel =
         unsafe extern "C" fn(unsafe extern "C" fn(*mut c_void), *mut c_void, c_uint, c_uint);
@@ -375,59 +433,28 @@ mod openmp {
         }
     }
 
-    /// What the members of a team share: the parts to run, the next part to take, a panic,
-    /// and when the team started and its last member joined it (nanoseconds after the start).
-    struct Team<'a> {
-        part: &'a (dyn Fn(usize) + Sync),
-        parts: usize,
-        next: AtomicUsize,
-        panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
-        start: Instant,
-        latest: AtomicU64,
-    }
-
-    /// One OpenMP thread's share: parts taken in turn until none is left, so that a team of any
-    /// size (a nested region gets one thread) runs every part once.
+    /// One OpenMP thread's share of the team.
     ///
     /// # Safety
     /// `data` must point to a `Team` that outlives the call.
     unsafe extern "C" fn member(data: *mut c_void) {
         // SAFETY: `data` is the `Team` that `run` keeps alive until every member has returned.
         let team = unsafe { &*(data as *const Team<'_>) };
-        team.latest.fetch_max(super::nanos_since(team.start), Ordering::Relaxed);
-        loop {
-            let t = team.next.fetch_add(1, Ordering::Relaxed);
-            if t >= team.parts {
-                return;
-            }
-            // A panic must not unwind into C: it is kept and resumed on the caller's thread.
-            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| (team.part)(t))) {
-                *team.panic.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(panic);
-            }
-        }
+        team.work();
     }
 
-    /// Runs `part(0)` .. `part(parts - 1)` on an OpenMP team of up to `parts` threads and
-    /// returns how long its last member took to join it (every member, the late ones too, must
-    /// have joined before the team ends); `None` (nothing run) where the process has no OpenMP
-    /// runtime.
-    pub(super) fn run(parts: usize, part: &(dyn Fn(usize) + Sync)) -> Option<Duration> {
-        let parallel = runtime()?;
-        let team = Team {
-            part,
-            parts,
-            next: AtomicUsize::new(0),
-            panic: Mutex::new(None),
-            start: Instant::now(),
-            latest: AtomicU64::new(0),
+    /// Runs `team` on an OpenMP team of up to `team.parts` threads (every member, the late
+    /// ones too, joins it before it ends); false (nothing run) where the process has no
+    /// OpenMP runtime.
+    pub(super) fn run(team: &Team<'_>) -> bool {
+        let Some(parallel) = runtime() else {
+            return false;
         };
+        let threads = c_uint::try_from(team.parts).unwrap_or(c_uint::MAX);
         // SAFETY: `member` only reads `team` through shared references, and GOMP_parallel
         // returns after every member of the team has finished, so `team` outlives them all.
-        unsafe { parallel(member, &team as *const Team<'_> as *mut c_void, parts as c_uint, 0) };
-        if let Some(panic) = team.panic.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            resume_unwind(panic);
-        }
-        Some(Duration::from_nanos(team.latest.into_inner()))
+        unsafe { parallel(member, team as *const Team<'_> as *mut c_void, threads, 0) };
+        true
     }
 }
 
@@ -496,50 +523,121 @@ mod tests {
     }
 
     #[test]
-    fn helpers_that_join_late_keep_small_batches_on_the_calling_thread() {
-        let total = 16 * MIN_WORK_PER_THREAD;
-        assert_eq!(team_size(4, total, 0), 4, "helpers that join at once");
-        assert_eq!(team_size(4, total, 900), 4, "a spinning team (under a microsecond)");
-        // 40 us to join (sleeping helpers): each thread needs 64 x 40,000 multiply-adds.
-        assert_eq!(team_size(4, total, 40_000), 1);
-        assert_eq!(team_size(4, 4 * 64 * 40_000, 40_000), 4);
-        assert_eq!(team_size(4, 3 * 64 * 40_000, 40_000), 3);
-        assert_eq!(team_size(4, usize::MAX, u64::MAX), 1, "no overflow");
-        assert_eq!(team_size(0, total, 0), 1, "never less than the caller's own thread");
-    }
-
-    #[test]
-    fn the_cost_of_joining_falls_at_once_and_rises_slowly() {
-        WAKE_NS.set(1_000);
-        measured(Duration::from_nanos(41_000));
-        assert_eq!(WAKE_NS.get(), 750 + 10_250, "a late helper moves the mean a quarter");
-        measured(Duration::from_nanos(900));
-        assert_eq!(WAKE_NS.get(), 900, "a prompt team is believed at once");
-        measured(Duration::MAX);
-        assert!(WAKE_NS.get() >= u64::MAX / 4, "saturated, not wrapped");
-        WAKE_NS.set(0);
-    }
-
-    #[test]
-    fn a_split_ruled_out_by_the_cost_of_joining_runs_once_in_a_while_to_measure_it() {
-        if threads() < 2 {
-            eprintln!("skipped: libtorch runs one thread here, so no batch splits");
-            return;
+    fn a_streak_of_late_helpers_moves_the_kernels_and_one_prompt_team_ends_it() {
+        SLOW.set(0);
+        measured(Duration::from_micros(180));
+        assert!(on_openmp(), "one late team (the first one starts the helpers) is no streak");
+        for _ in 1..SLOW_TEAMS {
+            measured(Duration::from_micros(40));
         }
-        let (n, work) = (64, 4 * MIN_WORK_PER_THREAD);
-        WAKE_NS.set(u64::MAX / 2);
-        FORGONE.set(0);
-        let parts: Vec<usize> = (0..2 * PROBE_EVERY).map(|_| part_size(n, work)).collect();
-        let probes = parts.iter().filter(|&&per| per < n).count();
-        assert_eq!(probes, 2, "one probe in {PROBE_EVERY}: {parts:?}");
-        WAKE_NS.set(0);
-        assert!(part_size(n, work) < n, "prompt helpers split the batch");
-        // A real team measures how long its helpers took.
+        assert_eq!(SLOW.get(), SLOW_TEAMS);
+        measured(Duration::MAX);
+        assert_eq!(SLOW.get(), SLOW_TEAMS, "the streak is capped");
+        measured(Duration::from_nanos(900));
+        assert_eq!(SLOW.get(), 0, "a prompt team ends it");
+    }
+
+    #[test]
+    fn a_thread_whose_openmp_helpers_sleep_probes_them_once_in_a_while() {
+        SLOW.set(SLOW_TEAMS - 1);
+        assert!((0..1000).all(|_| on_openmp()), "short of a streak, the teams stay");
+        SLOW.set(SLOW_TEAMS);
+        SINCE_PROBE.set(0);
+        let probes = (0..2 * PROBE_EVERY).filter(|_| on_openmp()).count();
+        assert_eq!(probes, 2, "one team in {PROBE_EVERY} measures them again");
+        // A real team on OpenMP measures how long its helpers took.
+        SLOW.set(0);
         let seen = AtomicUsize::new(0);
         let mut out = [0; 2];
         run(&Count(&seen), ranges(2, 1).zip(out.chunks_mut(1)).collect());
-        assert!(WAKE_NS.get() > 0, "the team's joining time is taken in");
-        WAKE_NS.set(0);
+        assert_eq!(seen.load(Ordering::Relaxed), 2);
+        assert!(SLOW.get() <= 1, "one team, measured");
+    }
+
+    /// Runs `parts` parts as one team on the pool (as a thread whose OpenMP helpers sleep);
+    /// each part runs `part` with its index.
+    fn on_the_pool(parts: usize, part: impl Fn(usize) + Sync) {
+        SLOW.set(SLOW_TEAMS);
+        SINCE_PROBE.set(0);
+        let kernel = Each(&part);
+        let mut out = vec![0; parts];
+        run(&kernel, ranges(parts, 1).zip(out.chunks_mut(1)).collect());
+        SLOW.set(0);
+    }
+
+    /// Runs a closure on the first index of each range.
+    struct Each<'a>(&'a (dyn Fn(usize) + Sync));
+
+    impl<'a> Kernel for Each<'a> {
+        type Part = &'a mut [usize];
+
+        fn run<const FMA: bool, const REGS32: bool>(&self, range: Range<usize>, _: Self::Part) {
+            (self.0)(range.start)
+        }
+    }
+
+    #[test]
+    fn the_pool_runs_the_parts_of_a_team_at_once_on_its_helpers() {
+        if tch::get_num_threads() < 2 {
+            eprintln!("skipped: libtorch runs one thread here, so the pool has no helpers");
+            return;
+        }
+        // Each part waits a while for the other to start: both start where two threads run
+        // them at once. A helper stays out while other tests' calls fill the cores, so the
+        // team is offered again until one joins.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let joined = std::iter::repeat_with(|| {
+            let (started, helpers) = (AtomicUsize::new(0), AtomicUsize::new(0));
+            on_the_pool(2, |_| {
+                started.fetch_add(1, Ordering::SeqCst);
+                let patience = std::time::Instant::now() + Duration::from_millis(50);
+                while started.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < patience {
+                    std::hint::spin_loop();
+                }
+                if std::thread::current().name() == Some("tch-mix helper") {
+                    helpers.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+            assert_eq!(started.into_inner(), 2, "every part runs");
+            helpers.into_inner()
+        })
+        .take_while(|_| std::time::Instant::now() < deadline)
+        .any(|helpers| helpers == 1);
+        assert!(joined, "no helper of the pool ran a part in 30 s");
+    }
+
+    #[test]
+    fn teams_of_threads_that_share_the_pool_run_every_part_once() {
+        // Two threads offer teams at once: one has the pool, the other runs on its own thread.
+        let runs = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    for _ in 0..500 {
+                        let seen: Vec<AtomicUsize> = (0..4).map(|_| AtomicUsize::new(0)).collect();
+                        on_the_pool(4, |t| {
+                            seen[t].fetch_add(1, Ordering::Relaxed);
+                        });
+                        assert!(seen.iter().all(|s| s.load(Ordering::Relaxed) == 1));
+                        runs.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        assert_eq!(runs.load(Ordering::Relaxed), 1000);
+    }
+
+    #[test]
+    fn a_panic_in_a_part_on_the_pool_reaches_the_caller_and_the_pool_goes_on() {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            on_the_pool(2, |t| assert!(t != 1, "a part that fails"));
+        }));
+        assert!(result.is_err());
+        let seen = AtomicUsize::new(0);
+        on_the_pool(2, |_| {
+            seen.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(seen.load(Ordering::Relaxed), 2);
     }
 
     #[test]
