@@ -75,6 +75,66 @@ pub trait Mixer: std::fmt::Debug + Send {
         Ok((self.f_forward_t(inp, mask, train)?, self.f_importance(inp, mask)?))
     }
 
+    /// Writes the mixed features of `inp` into `out`, a tensor the caller owns and may reuse
+    /// from call to call: the values, bit for bit, of [`Mixer::f_forward_t`] with
+    /// `train = false`. An inference call: no dropout, and nothing recorded for autograd (as
+    /// under `tch::no_grad`), whatever requires a gradient.
+    ///
+    /// # Shapes
+    /// - `inp`, `mask`: as [`Mixer::f_forward_t`];
+    /// - `out`: what [`Mixer::f_forward_t`] returns, `(..., mod_dim)` or `(..., 1, mod_dim)`
+    ///   with `keep_dim`, in the mixer's dtype, on its device (any strides).
+    ///
+    /// # Errors
+    /// As [`Mixer::f_forward_t`]; [`MixError::Shape`], [`MixError::Kind`] or
+    /// [`MixError::Device`] for an `out` of another shape, dtype or device, which is then left
+    /// as it was.
+    fn f_forward_into(&self, out: &mut Tensor, inp: &Tensor, mask: Option<&Tensor>) -> Result<()> {
+        let mixed = tch::no_grad(|| self.f_forward_t(inp, mask, false))?;
+        write_into("output buffer", out, &mixed)
+    }
+
+    /// Writes the importance of each feature into `importance`, a tensor the caller owns: the
+    /// values, bit for bit, of [`Mixer::f_importance`], recording nothing for autograd.
+    ///
+    /// # Shapes
+    /// - `inp`, `mask`: as [`Mixer::f_importance`];
+    /// - `importance`: `(..., n_features)`, in the mixer's dtype, on its device.
+    ///
+    /// # Errors
+    /// As [`Mixer::f_forward_into`].
+    fn f_importance_into(
+        &self,
+        importance: &mut Tensor,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<()> {
+        let weights = tch::no_grad(|| self.f_importance(inp, mask))?;
+        write_into("importance buffer", importance, &weights)
+    }
+
+    /// [`Mixer::f_forward_into`] and [`Mixer::f_importance_into`] in one call: the values, bit
+    /// for bit, of [`Mixer::f_forward_and_importance_t`] with `train = false`. Neither buffer
+    /// is written unless both fit.
+    ///
+    /// # Shapes
+    /// As [`Mixer::f_forward_into`] and [`Mixer::f_importance_into`].
+    ///
+    /// # Errors
+    /// As [`Mixer::f_forward_into`].
+    fn f_forward_and_importance_into(
+        &self,
+        out: &mut Tensor,
+        importance: &mut Tensor,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<()> {
+        let (mixed, weights) = tch::no_grad(|| self.f_forward_and_importance_t(inp, mask, false))?;
+        check_buffer("importance buffer", importance, &weights)?;
+        write_into("output buffer", out, &mixed)?;
+        write_into("importance buffer", importance, &weights)
+    }
+
     /// Re-initialises every weight in place with swak's (PyTorch's) initial distributions.
     ///
     /// # Errors
@@ -239,6 +299,30 @@ fn check_mask(mask: Option<&Tensor>, inp: &Tensor) -> Result<()> {
     if mask.device() != inp.device() {
         return Err(MixError::Device { what: "mask", expected: inp.device(), got: mask.device() });
     }
+    Ok(())
+}
+
+/// Checks that a caller's buffer `buffer` can hold `value`: the same shape, dtype and device.
+fn check_buffer(what: &'static str, buffer: &Tensor, value: &Tensor) -> Result<()> {
+    if !buffer.defined() || buffer.size() != value.size() {
+        let got = if buffer.defined() { buffer.size() } else { Vec::new() };
+        return Err(MixError::Shape { what, expected: format!("{:?}", value.size()), got });
+    }
+    if buffer.kind() != value.kind() {
+        let expected = format!("{:?}", value.kind());
+        return Err(MixError::Kind { what, expected, got: buffer.kind() });
+    }
+    if buffer.device() != value.device() {
+        return Err(MixError::Device { what, expected: value.device(), got: buffer.device() });
+    }
+    Ok(())
+}
+
+/// Copies `value` into the caller's `buffer` after [`check_buffer`], recording nothing for
+/// autograd.
+fn write_into(what: &'static str, buffer: &mut Tensor, value: &Tensor) -> Result<()> {
+    check_buffer(what, buffer, value)?;
+    tch::no_grad(|| buffer.f_copy_(value))?;
     Ok(())
 }
 

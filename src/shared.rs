@@ -52,7 +52,8 @@ pub struct SharedMixer {
 //   autograd graph (so no node takes a reference to a weight and nothing accumulates into a
 //   `.grad`), and there is no dropout (no shared random state is drawn);
 // - the mixers only read their weights (as inputs of libtorch ops, or as shared slices in the
-//   CPU kernels); everything they write (outputs, scratch buffers) is allocated by the call;
+//   CPU kernels); everything they write (outputs, scratch buffers) is allocated by the call,
+//   or is the caller's own buffer of an `_into` method, written after the mixer has computed;
 // - reading one libtorch tensor from several threads is safe: sizes, strides, dtype, device
 //   and data pointer are immutable after construction, the reference count of every handle
 //   (`shallow_clone`, drop) and the version counter are atomic;
@@ -122,5 +123,57 @@ impl SharedMixer {
         mask: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
         tch::no_grad(|| self.mixer.f_forward_and_importance_t(inp, mask, false))
+    }
+
+    /// The mixed features written into `out`, a buffer the caller owns and may reuse: as
+    /// [`Mixer::f_forward_into`].
+    ///
+    /// # Shapes
+    /// As [`Mixer::f_forward_into`]: `out` is `(..., mod_dim)` (`(..., 1, mod_dim)` with
+    /// `keep_dim`).
+    ///
+    /// # Errors
+    /// As [`Mixer::f_forward_into`].
+    pub fn forward_into(
+        &self,
+        out: &mut Tensor,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<()> {
+        self.mixer.f_forward_into(out, inp, mask)
+    }
+
+    /// The importance written into `importance`: as [`Mixer::f_importance_into`].
+    ///
+    /// # Shapes
+    /// As [`Mixer::f_importance_into`]: `importance` is `(..., n_features)`.
+    ///
+    /// # Errors
+    /// As [`Mixer::f_forward_into`].
+    pub fn importance_into(
+        &self,
+        importance: &mut Tensor,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<()> {
+        self.mixer.f_importance_into(importance, inp, mask)
+    }
+
+    /// Both in one call, written into the caller's buffers: as
+    /// [`Mixer::f_forward_and_importance_into`].
+    ///
+    /// # Shapes
+    /// As [`Mixer::f_forward_and_importance_into`].
+    ///
+    /// # Errors
+    /// As [`Mixer::f_forward_into`].
+    pub fn forward_and_importance_into(
+        &self,
+        out: &mut Tensor,
+        importance: &mut Tensor,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<()> {
+        self.mixer.f_forward_and_importance_into(out, importance, inp, mask)
     }
 }
