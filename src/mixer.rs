@@ -91,7 +91,7 @@ pub trait Mixer: std::fmt::Debug + Send {
     /// as it was.
     fn f_forward_into(&self, out: &mut Tensor, inp: &Tensor, mask: Option<&Tensor>) -> Result<()> {
         let mixed = tch::no_grad(|| self.f_forward_t(inp, mask, false))?;
-        write_into("output buffer", out, &mixed)
+        write_into([("output buffer", out, &mixed)])
     }
 
     /// Writes the importance of each feature into `importance`, a tensor the caller owns: the
@@ -110,7 +110,7 @@ pub trait Mixer: std::fmt::Debug + Send {
         mask: Option<&Tensor>,
     ) -> Result<()> {
         let weights = tch::no_grad(|| self.f_importance(inp, mask))?;
-        write_into("importance buffer", importance, &weights)
+        write_into([("importance buffer", importance, &weights)])
     }
 
     /// [`Mixer::f_forward_into`] and [`Mixer::f_importance_into`] in one call: the values, bit
@@ -130,9 +130,7 @@ pub trait Mixer: std::fmt::Debug + Send {
         mask: Option<&Tensor>,
     ) -> Result<()> {
         let (mixed, weights) = tch::no_grad(|| self.f_forward_and_importance_t(inp, mask, false))?;
-        check_buffer("importance buffer", importance, &weights)?;
-        write_into("output buffer", out, &mixed)?;
-        write_into("importance buffer", importance, &weights)
+        write_into([("output buffer", out, &mixed), ("importance buffer", importance, &weights)])
     }
 
     /// Re-initialises every weight in place with swak's (PyTorch's) initial distributions.
@@ -318,12 +316,18 @@ fn check_buffer(what: &'static str, buffer: &Tensor, value: &Tensor) -> Result<(
     Ok(())
 }
 
-/// Copies `value` into the caller's `buffer` after [`check_buffer`], recording nothing for
-/// autograd.
-fn write_into(what: &'static str, buffer: &mut Tensor, value: &Tensor) -> Result<()> {
-    check_buffer(what, buffer, value)?;
-    tch::no_grad(|| buffer.f_copy_(value))?;
-    Ok(())
+/// Copies each `value` into the caller's `buffer` (`what` naming it in errors), recording
+/// nothing for autograd; none is written unless every one passes [`check_buffer`].
+fn write_into<const N: usize>(writes: [(&'static str, &mut Tensor, &Tensor); N]) -> Result<()> {
+    for (what, buffer, value) in &writes {
+        check_buffer(what, buffer, value)?;
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (_, buffer, value) in writes {
+            buffer.f_copy_(value)?;
+        }
+        Ok(())
+    })
 }
 
 /// Adds `tensor` as a trainable variable `name` under `path`, refusing a name that is taken
