@@ -91,26 +91,41 @@ pub(crate) fn linear(
     Ok(Some(out))
 }
 
+/// The sizes of a packed product: `M x K` inputs, `blocks` blocks of `n` output columns.
 #[derive(Debug, Clone, Copy)]
-struct Sizes {
+pub(super) struct Sizes {
     /// Rows of the input.
-    m: usize,
+    pub(super) m: usize,
     /// Columns of the input (the weights' rows).
-    k: usize,
+    pub(super) k: usize,
     /// Output columns per block.
-    n: usize,
-    blocks: usize,
+    pub(super) n: usize,
+    pub(super) blocks: usize,
     /// Panels per block.
-    panels: usize,
+    pub(super) panels: usize,
 }
 
-struct Linear<'a, T> {
-    sizes: Sizes,
-    x: &'a [T],
+impl Sizes {
+    /// The sizes of a product of `m x k` inputs with `blocks` blocks of `n` columns.
+    pub(super) fn of(m: usize, k: usize, n: usize, blocks: usize) -> Self {
+        Self { m, k, n, blocks, panels: n.div_ceil(PANEL) }
+    }
+
+    /// The elements of the packed weights of these sizes (see [`pack`]).
+    pub(super) fn packed_len(self) -> usize {
+        self.blocks * self.panels * (self.k + 1) * PANEL
+    }
+}
+
+/// [`linear`] over slices: `x` `(M, K)` (`shared`) or `(B, M, K)`, `w` packed, `add` `(M, B n)`;
+/// writes `(M, B n)`. The slices' lengths must fit the sizes.
+pub(super) struct Linear<'a, T> {
+    pub(super) sizes: Sizes,
+    pub(super) x: &'a [T],
     /// Whether one input serves every block.
-    shared: bool,
-    w: &'a [T],
-    add: Option<&'a [T]>,
+    pub(super) shared: bool,
+    pub(super) w: &'a [T],
+    pub(super) add: Option<&'a [T]>,
 }
 
 impl<'a, T: Element> Kernel for Linear<'a, T> {
@@ -141,13 +156,13 @@ impl<'a, T: Element> Kernel for Linear<'a, T> {
                     }
                 }
                 let tile_x = &tile_x[..k * count];
-                // Fewer rows than a full tile take two or four panels at a time, so that the
-                // tile still has eight independent sums.
+                // One row takes four panels at a time, so that the tile still has several
+                // independent sums. (Two rows of two panels compiled to scalar code, 5x slower
+                // than two rows of one panel: measured at batches 2 and 4 of cross-attention.)
                 let mut p = 0;
                 while p < panels {
                     let q = match (count, panels - p) {
                         (1, 4..) => 4,
-                        (2, 2..) => 2,
                         _ => 1,
                     };
                     let panel = |i: usize| &self.w[(b * panels + p + i) * panel_len..][..panel_len];
@@ -158,10 +173,6 @@ impl<'a, T: Element> Kernel for Linear<'a, T> {
                     match (count, q) {
                         (4, _) => place.write(out, add, product::<T, FMA, 4, 1>(x, [panel(0)])),
                         (3, _) => place.write(out, add, product::<T, FMA, 3, 1>(x, [panel(0)])),
-                        (2, 2) => {
-                            let sums = product::<T, FMA, 2, 2>(x, [panel(0), panel(1)]);
-                            place.write(out, add, sums)
-                        }
                         (2, _) => place.write(out, add, product::<T, FMA, 2, 1>(x, [panel(0)])),
                         (_, 4) => {
                             let sums = product::<T, FMA, 1, 4>(x, [0, 1, 2, 3].map(panel));
@@ -256,7 +267,7 @@ mod tests {
         (a - b).abs().max().double_value(&[])
     }
 
-    /// Every shape of tile (1 to 4 rows; one, two or four panels at a time) and of the last
+    /// Every shape of tile (1 to 4 rows; one or four panels at a time) and of the last
     /// panel, shared and per-block inputs, with and without bias and addend, against libtorch's
     /// `linear`, in f64 and f32.
     #[test]
