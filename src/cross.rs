@@ -118,6 +118,29 @@ impl Attend for CrossAttentionMixer {
         // sums infinite key components of both signs (NaN), the fold meets one infinity.
         Ok(cross.finite_scores.then_some((cross.weights, cross.pooled)))
     }
+
+    /// Scores and pooling per head, then the value and output projections.
+    fn small_work(f: usize, d: usize, h: usize) -> Option<usize> {
+        Some(f * d * (2 * h + 1) + 2 * d * d)
+    }
+
+    fn small(
+        _: &MultiheadAttention,
+        derived: &Derived,
+        inp: &Tensor,
+        shape: (i64, i64, i64),
+        mask: Option<&Tensor>,
+        skip: bool,
+        outputs: kernels::CrossOutputs<'_>,
+    ) -> Result<bool> {
+        let Some(packed) = &derived.packed else { return Ok(false) };
+        let weights = kernels::CrossWeights {
+            keys: key_vectors(derived),
+            value: &packed.value,
+            out: &packed.out,
+        };
+        kernels::cross_small(inp, shape, mask, weights, skip, outputs)
+    }
 }
 
 /// The projected constant query per head, `q = W_q 1 + b_q` as `(H, 1, D / H)`.

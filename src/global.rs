@@ -2,6 +2,7 @@
 
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::attention::Want;
 use crate::error::Result;
 use crate::kernels;
 use crate::mixer::{self, Mixer};
@@ -129,6 +130,100 @@ impl GlobalWeightsMixer {
         Ok(self.coeffs.f_softmax(-1, None::<Kind>)?.f_expand(leading, false)?)
     }
 
+    /// An inference call on the kernels ([`kernels::global`]): the mixed features and the
+    /// importance as wanted, written into the caller's `buffers` where there are some. `None`
+    /// where the kernels do not apply (autograd recording, dropout in training, half
+    /// precision, CUDA, a non-contiguous input, no features, an empty batch, a buffer that does
+    /// not fit): the caller takes the usual path. `inp` is checked already.
+    fn on_kernels(
+        &self,
+        inp: &Tensor,
+        train: bool,
+        want: Want,
+        buffers: mixer::Buffers<'_>,
+    ) -> Result<Option<(Option<Tensor>, Option<Tensor>)>> {
+        let GlobalWeightsConfig { dropout, skip, keep_dim } = self.config;
+        let (f, d) = (self.n_features, self.mod_dim);
+        let usable = f > 0
+            && inp.numel() > 0
+            && !(train && dropout > 0.0)
+            && inp.is_contiguous()
+            && !inp.is_neg()
+            && kernels::applies(&[inp, &self.coeffs]);
+        if !usable {
+            return Ok(None);
+        }
+        let shape = inp.size();
+        let leading = &shape[..shape.len() - 2];
+        let kind = inp.kind();
+        let mixed = match want.output() {
+            true => {
+                let mut mixed_shape = leading.to_vec();
+                mixed_shape.extend(if keep_dim { vec![1, d] } else { vec![d] });
+                match mixer::kernel_output(buffers.mixed, &mixed_shape, kind, &[inp])? {
+                    Some(mixed) => Some(mixed),
+                    None => return Ok(None),
+                }
+            }
+            false => None,
+        };
+        // One instance takes the softmax from the kernel; a larger batch from libtorch (one op
+        // among many), which the importance of the allocating calls expands (a view). Either way
+        // every call on the same batch size gives the same bits.
+        let n = inp.numel() as i64 / (f * d);
+        let softmax = match n {
+            1 => None,
+            _ => Some(self.coeffs.f_softmax(-1, None::<Kind>)?),
+        };
+        let importance = match (want.importance(), buffers.importance) {
+            (false, _) => None,
+            (true, None) if n > 1 => None,
+            (true, buffer) => {
+                let mut importance_shape = leading.to_vec();
+                importance_shape.push(f);
+                let mut reads = vec![inp];
+                reads.extend(&mixed);
+                match mixer::kernel_output(buffer, &importance_shape, kind, &reads)? {
+                    Some(importance) => Some(importance),
+                    None => return Ok(None),
+                }
+            }
+        };
+        let shift = if skip { 1.0 / f as f64 } else { 0.0 };
+        let (mut mixed, mut importance) = (mixed, importance);
+        let (weights, normalise) = match &softmax {
+            Some(softmax) => (softmax, false),
+            None => (&self.coeffs, true),
+        };
+        if mixed.is_some() || importance.is_some() {
+            let (into_mixed, into_importance) = (mixed.as_mut(), importance.as_mut());
+            let shape = (n, f, d);
+            kernels::global(inp, shape, weights, normalise, shift, into_mixed, into_importance)?;
+        }
+        let importance = match (importance, softmax) {
+            (None, Some(softmax)) if want.importance() => {
+                Some(softmax.f_expand(&shape[..shape.len() - 1], false)?)
+            }
+            (importance, _) => importance,
+        };
+        Ok(Some((mixed, importance)))
+    }
+
+    /// [`Self::on_kernels`] in eval mode into the caller's `buffers`; `false` where the kernels
+    /// do not apply (nothing is then written).
+    fn mix_into(
+        &self,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+        want: Want,
+        buffers: mixer::Buffers<'_>,
+    ) -> Result<bool> {
+        let _call = kernels::Call::start(inp);
+        self.check(inp, mask)?;
+        let _no_grad = tch::no_grad_guard();
+        Ok(self.on_kernels(inp, false, want, buffers)?.is_some())
+    }
+
     /// The mixed features; `softmax` is the softmax of the coefficients where the caller has it.
     fn mix(&self, inp: &Tensor, train: bool, softmax: Option<&Tensor>) -> Result<Tensor> {
         if self.n_features == 0 {
@@ -172,12 +267,19 @@ impl Mixer for GlobalWeightsMixer {
     fn f_forward_t(&self, inp: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let _call = kernels::Call::start(inp);
         self.check(inp, mask)?;
+        if let Some((mixed, _)) = self.on_kernels(inp, train, Want::Output, Default::default())? {
+            return Ok(mixed.expect("asked for"));
+        }
         self.mix(inp, train, None)
     }
 
     fn f_importance(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let _call = kernels::Call::start(inp);
         self.check(inp, mask)?;
+        let want = Want::Importance;
+        if let Some((_, importance)) = self.on_kernels(inp, false, want, Default::default())? {
+            return Ok(importance.expect("asked for"));
+        }
         self.importance_of(inp)
     }
 
@@ -189,6 +291,11 @@ impl Mixer for GlobalWeightsMixer {
     ) -> Result<(Tensor, Tensor)> {
         let _call = kernels::Call::start(inp);
         self.check(inp, mask)?;
+        if let Some((mixed, importance)) =
+            self.on_kernels(inp, train, Want::Both, Default::default())?
+        {
+            return Ok((mixed.expect("asked for"), importance.expect("asked for")));
+        }
         if mode::grad_mode() {
             return Ok((self.mix(inp, train, None)?, self.importance_of(inp)?));
         }
@@ -196,6 +303,41 @@ impl Mixer for GlobalWeightsMixer {
         let softmax = self.coeffs.f_softmax(-1, None::<Kind>)?;
         let leading = &inp.size()[..inp.dim() - 1];
         Ok((self.mix(inp, train, Some(&softmax))?, softmax.f_expand(leading, false)?))
+    }
+
+    fn f_forward_into(&self, out: &mut Tensor, inp: &Tensor, mask: Option<&Tensor>) -> Result<()> {
+        let buffers = mixer::Buffers { mixed: Some(&mut *out), importance: None };
+        if !self.mix_into(inp, mask, Want::Output, buffers)? {
+            mixer::forward_into(self, out, inp, mask)?;
+        }
+        Ok(())
+    }
+
+    fn f_importance_into(
+        &self,
+        importance: &mut Tensor,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<()> {
+        let buffers = mixer::Buffers { mixed: None, importance: Some(&mut *importance) };
+        if !self.mix_into(inp, mask, Want::Importance, buffers)? {
+            mixer::importance_into(self, importance, inp, mask)?;
+        }
+        Ok(())
+    }
+
+    fn f_forward_and_importance_into(
+        &self,
+        out: &mut Tensor,
+        importance: &mut Tensor,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<()> {
+        let buffers = mixer::Buffers { mixed: Some(&mut *out), importance: Some(&mut *importance) };
+        if !self.mix_into(inp, mask, Want::Both, buffers)? {
+            mixer::forward_and_importance_into(self, out, importance, inp, mask)?;
+        }
+        Ok(())
     }
 
     fn reset_parameters(&mut self) -> Result<()> {

@@ -2,6 +2,7 @@
 
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::attention::Want;
 use crate::error::Result;
 use crate::kernels;
 use crate::mixer::{self, Mixer};
@@ -130,40 +131,83 @@ impl InstanceWeightsMixer {
     }
 
     /// Inference on the CPU in one pass over the input (see `kernels::instance`): the mixed
-    /// features and the importance, or `None` where the kernel does not apply.
-    /// Without `output`, the importance only (the mixed features are `None`).
+    /// features and the importance as wanted, written into the caller's `buffers` where there
+    /// are some. `None` where the kernel does not apply (autograd recording, dropout in
+    /// training, half precision, CUDA, no features, a buffer that does not fit): the caller
+    /// takes the usual path. `inp` is checked already.
     fn one_pass(
         &self,
         inp: &Tensor,
-        skip: bool,
-        keep_dim: bool,
-        output: bool,
-    ) -> Result<Option<(Option<Tensor>, Tensor)>> {
+        train: bool,
+        want: Want,
+        buffers: mixer::Buffers<'_>,
+    ) -> Result<Option<(Option<Tensor>, Option<Tensor>)>> {
+        let InstanceWeightsConfig { dropout, skip, keep_dim, .. } = self.config;
+        let (f, d) = (self.n_features, self.mod_dim);
+        let dropped = train && dropout > 0.0 && want.output();
+        if f == 0 || dropped || !kernels::applies(&[inp, &self.weight]) {
+            return Ok(None);
+        }
         let shape = inp.size();
         let leading = &shape[..shape.len() - 2];
-        let flat = match shape.len() {
-            3 => inp.shallow_clone(),
-            _ => inp.f_reshape([-1, self.n_features, self.mod_dim])?,
+        let kind = inp.kind();
+        let mixed = match want.output() {
+            true => {
+                let mut mixed_shape = leading.to_vec();
+                mixed_shape.extend(if keep_dim { vec![1, d] } else { vec![d] });
+                match mixer::kernel_output(buffers.mixed, &mixed_shape, kind, &[inp])? {
+                    Some(mixed) => Some(mixed),
+                    None => return Ok(None),
+                }
+            }
+            false => None,
         };
-        let bias = self.bias.as_ref();
-        let Some((mixed, importance)) = kernels::instance(&flat, &self.weight, bias, skip, output)?
+        // The kernel writes the importance in any case: a fresh tensor where none is wanted.
+        let mut importance_shape = leading.to_vec();
+        importance_shape.push(f);
+        let mut reads = vec![inp];
+        reads.extend(&mixed);
+        let buffer = buffers.importance.filter(|_| want.importance());
+        let Some(mut importance) = mixer::kernel_output(buffer, &importance_shape, kind, &reads)?
         else {
             return Ok(None);
         };
-        let mut mixed_shape = leading.to_vec();
-        if keep_dim {
-            mixed_shape.push(1);
+        let mut mixed = mixed;
+        let n = inp.numel() as i64 / (f * d).max(1);
+        let (weight, bias) = (&self.weight, self.bias.as_ref());
+        let into = mixed.as_mut();
+        let fold = skip && want.output();
+        if !kernels::instance(inp, (n, f, d), weight, bias, fold, into, &mut importance)? {
+            return Ok(None);
         }
-        mixed_shape.push(self.mod_dim);
-        let mixed = match mixed {
-            Some(mixed) if mixed.size() != mixed_shape => Some(mixed.f_reshape(mixed_shape)?),
-            mixed => mixed,
-        };
-        let importance = match shape.len() {
-            3 => importance,
-            _ => importance.f_reshape([leading, &[self.n_features]].concat())?,
-        };
-        Ok(Some((mixed, importance)))
+        Ok(Some((mixed, want.importance().then_some(importance))))
+    }
+
+    /// [`Self::one_pass`] in eval mode into the caller's `buffers`; `false` where the kernel
+    /// does not apply (nothing is then written).
+    fn mix_into(
+        &self,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+        want: Want,
+        buffers: mixer::Buffers<'_>,
+    ) -> Result<bool> {
+        let _call = kernels::Call::start(inp);
+        self.check(inp, mask)?;
+        let _no_grad = tch::no_grad_guard();
+        Ok(self.one_pass(inp, false, want, buffers)?.is_some())
+    }
+
+    /// The mixed features and the importance along libtorch's ops, for what the kernel does not
+    /// take (autograd, dropout in training, half precision, CUDA).
+    fn mix(&self, inp: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+        let InstanceWeightsConfig { dropout, skip, keep_dim, .. } = self.config;
+        let weights = self.weights(inp)?;
+        if self.n_features == 0 {
+            return Ok((mixer::without_features(inp, keep_dim)?, weights));
+        }
+        let mixed = mixer::mix_weighted(&weights, inp, dropout, skip, keep_dim, train)?;
+        Ok((mixed, weights))
     }
 
     fn weights(&self, inp: &Tensor) -> Result<Tensor> {
@@ -198,17 +242,21 @@ impl Mixer for InstanceWeightsMixer {
     }
 
     fn f_forward_t(&self, inp: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        Ok(self.f_forward_and_importance_t(inp, mask, train)?.0)
+        let _call = kernels::Call::start(inp);
+        self.check(inp, mask)?;
+        if let Some((mixed, _)) = self.one_pass(inp, train, Want::Output, Default::default())? {
+            return Ok(mixed.expect("asked for"));
+        }
+        Ok(self.mix(inp, train)?.0)
     }
 
     fn f_importance(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let _call = kernels::Call::start(inp);
         self.check(inp, mask)?;
         // The one-pass kernel beats libtorch's skinny GEMM even with the pooling it adds.
-        if self.n_features > 0 {
-            if let Some((_, importance)) = self.one_pass(inp, false, false, false)? {
-                return Ok(importance);
-            }
+        let want = Want::Importance;
+        if let Some((_, importance)) = self.one_pass(inp, false, want, Default::default())? {
+            return Ok(importance.expect("asked for"));
         }
         self.weights(inp)
     }
@@ -221,18 +269,47 @@ impl Mixer for InstanceWeightsMixer {
     ) -> Result<(Tensor, Tensor)> {
         let _call = kernels::Call::start(inp);
         self.check(inp, mask)?;
-        let InstanceWeightsConfig { dropout, skip, keep_dim, .. } = self.config;
-        if self.n_features > 0 && !(train && dropout > 0.0) {
-            if let Some((Some(mixed), importance)) = self.one_pass(inp, skip, keep_dim, true)? {
-                return Ok((mixed, importance));
-            }
+        if let Some((mixed, importance)) =
+            self.one_pass(inp, train, Want::Both, Default::default())?
+        {
+            return Ok((mixed.expect("asked for"), importance.expect("asked for")));
         }
-        let weights = self.weights(inp)?;
-        if self.n_features == 0 {
-            return Ok((mixer::without_features(inp, keep_dim)?, weights));
+        self.mix(inp, train)
+    }
+
+    fn f_forward_into(&self, out: &mut Tensor, inp: &Tensor, mask: Option<&Tensor>) -> Result<()> {
+        let buffers = mixer::Buffers { mixed: Some(&mut *out), importance: None };
+        if !self.mix_into(inp, mask, Want::Output, buffers)? {
+            mixer::forward_into(self, out, inp, mask)?;
         }
-        let mixed = mixer::mix_weighted(&weights, inp, dropout, skip, keep_dim, train)?;
-        Ok((mixed, weights))
+        Ok(())
+    }
+
+    fn f_importance_into(
+        &self,
+        importance: &mut Tensor,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<()> {
+        let buffers = mixer::Buffers { mixed: None, importance: Some(&mut *importance) };
+        if !self.mix_into(inp, mask, Want::Importance, buffers)? {
+            mixer::importance_into(self, importance, inp, mask)?;
+        }
+        Ok(())
+    }
+
+    fn f_forward_and_importance_into(
+        &self,
+        out: &mut Tensor,
+        importance: &mut Tensor,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<()> {
+        let buffers = mixer::Buffers { mixed: Some(&mut *out), importance: Some(&mut *importance) };
+        if !self.mix_into(inp, mask, Want::Both, buffers)? {
+            mixer::forward_and_importance_into(self, out, importance, inp, mask)?;
+        }
+        Ok(())
     }
 
     fn reset_parameters(&mut self) -> Result<()> {

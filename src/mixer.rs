@@ -80,6 +80,12 @@ pub trait Mixer: std::fmt::Debug + Send {
     /// `train = false`. An inference call: no dropout, and nothing recorded for autograd (as
     /// under `tch::no_grad`), whatever requires a gradient.
     ///
+    /// On the CPU in f32 or f64, a contiguous `out` is written by the kernels directly rather
+    /// than copied from a result of their own (the global and instance weights at any batch,
+    /// cross-attention at batches small enough for one thread); elsewhere (self-attention,
+    /// CUDA, half precision, a strided `out` or one inside `inp`) the result is computed, then
+    /// copied in. As for any in-place op, no other thread may use `out` during the call.
+    ///
     /// # Shapes
     /// - `inp`, `mask`: as [`Mixer::f_forward_t`];
     /// - `out`: what [`Mixer::f_forward_t`] returns, `(..., mod_dim)` or `(..., 1, mod_dim)`
@@ -90,8 +96,7 @@ pub trait Mixer: std::fmt::Debug + Send {
     /// [`MixError::Device`] for an `out` of another shape, dtype or device, which is then left
     /// as it was.
     fn f_forward_into(&self, out: &mut Tensor, inp: &Tensor, mask: Option<&Tensor>) -> Result<()> {
-        let mixed = tch::no_grad(|| self.f_forward_t(inp, mask, false))?;
-        write_into([("output buffer", out, &mixed)])
+        forward_into(self, out, inp, mask)
     }
 
     /// Writes the importance of each feature into `importance`, a tensor the caller owns: the
@@ -109,8 +114,7 @@ pub trait Mixer: std::fmt::Debug + Send {
         inp: &Tensor,
         mask: Option<&Tensor>,
     ) -> Result<()> {
-        let weights = tch::no_grad(|| self.f_importance(inp, mask))?;
-        write_into([("importance buffer", importance, &weights)])
+        importance_into(self, importance, inp, mask)
     }
 
     /// [`Mixer::f_forward_into`] and [`Mixer::f_importance_into`] in one call: the values, bit
@@ -129,8 +133,7 @@ pub trait Mixer: std::fmt::Debug + Send {
         inp: &Tensor,
         mask: Option<&Tensor>,
     ) -> Result<()> {
-        let (mixed, weights) = tch::no_grad(|| self.f_forward_and_importance_t(inp, mask, false))?;
-        write_into([("output buffer", out, &mixed), ("importance buffer", importance, &weights)])
+        forward_and_importance_into(self, out, importance, inp, mask)
     }
 
     /// Re-initialises every weight in place with swak's (PyTorch's) initial distributions.
@@ -314,6 +317,72 @@ fn check_buffer(what: &'static str, buffer: &Tensor, value: &Tensor) -> Result<(
         return Err(MixError::Device { what, expected: value.device(), got: buffer.device() });
     }
     Ok(())
+}
+
+/// [`Mixer::f_forward_into`] by way of [`Mixer::f_forward_t`]: the result copied into `out`.
+pub(crate) fn forward_into<M: Mixer + ?Sized>(
+    mixer: &M,
+    out: &mut Tensor,
+    inp: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<()> {
+    let mixed = tch::no_grad(|| mixer.f_forward_t(inp, mask, false))?;
+    write_into([("output buffer", out, &mixed)])
+}
+
+/// [`Mixer::f_importance_into`] by way of [`Mixer::f_importance`].
+pub(crate) fn importance_into<M: Mixer + ?Sized>(
+    mixer: &M,
+    importance: &mut Tensor,
+    inp: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<()> {
+    let weights = tch::no_grad(|| mixer.f_importance(inp, mask))?;
+    write_into([("importance buffer", importance, &weights)])
+}
+
+/// [`Mixer::f_forward_and_importance_into`] by way of [`Mixer::f_forward_and_importance_t`].
+pub(crate) fn forward_and_importance_into<M: Mixer + ?Sized>(
+    mixer: &M,
+    out: &mut Tensor,
+    importance: &mut Tensor,
+    inp: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<()> {
+    let (mixed, weights) = tch::no_grad(|| mixer.f_forward_and_importance_t(inp, mask, false))?;
+    write_into([("output buffer", out, &mixed), ("importance buffer", importance, &weights)])
+}
+
+/// The caller's buffers of an `_into` call, one for each output it asks for; none for the
+/// allocating calls.
+#[derive(Default)]
+pub(crate) struct Buffers<'a> {
+    pub(crate) mixed: Option<&'a mut Tensor>,
+    pub(crate) importance: Option<&'a mut Tensor>,
+}
+
+/// Where one output of a kernel that writes a whole call goes: the caller's `buffer` where it
+/// is a contiguous CPU tensor of `shape` and `kind` sharing no bytes with the tensors the call
+/// reads (`reads`), else a fresh tensor of that shape where there is no buffer. `None` where the
+/// buffer does not fit: the call then takes the path that copies into it (and says what was
+/// wrong).
+pub(crate) fn kernel_output(
+    buffer: Option<&mut Tensor>,
+    shape: &[i64],
+    kind: Kind,
+    reads: &[&Tensor],
+) -> Result<Option<Tensor>> {
+    let Some(buffer) = buffer else {
+        return Ok(Some(Tensor::f_empty(shape, (kind, Device::Cpu))?));
+    };
+    let fits = buffer.defined()
+        && buffer.size() == shape
+        && buffer.kind() == kind
+        && buffer.device() == Device::Cpu
+        && buffer.is_contiguous()
+        && !buffer.is_neg()
+        && !reads.iter().any(|read| kernels::overlap(buffer, read));
+    Ok(fits.then(|| buffer.shallow_clone()))
 }
 
 /// Copies each `value` into the caller's `buffer` (`what` naming it in errors), recording

@@ -373,3 +373,73 @@ fn inference_from_several_threads_at_once_matches_one_at_a_time() {
         worker.join().expect("a worker thread failed");
     }
 }
+
+/// Small batches take kernels that run the whole call on the calling thread (cross-attention
+/// from its input to its outputs, the global weights with their softmax): against the autograd
+/// path with partial bool and float masks, a fully masked row, keep_dim, without biases, and on
+/// 4-D and strided inputs.
+#[test]
+fn whole_call_kernels_of_small_batches_match_autograd() {
+    tch::manual_seed(13);
+    let cases = [(Kind::Float, 1, 16, 256, 1e-5), (Kind::Double, 3, 5, 12, 1e-12)];
+    for (kind, n, f, d, tolerance) in cases {
+        for (keep_dim, bias) in [(false, true), (true, false)] {
+            let mut vs = nn::VarStore::new(Device::Cpu);
+            vs.set_kind(kind);
+            let attention = AttentionConfig { n_heads: 4, keep_dim, bias, ..Default::default() };
+            let global = tch_mix::GlobalWeightsConfig { keep_dim, ..Default::default() };
+            let instance = tch_mix::InstanceWeightsConfig { keep_dim, bias, ..Default::default() };
+            let mixers: Vec<Box<dyn Mixer>> = vec![
+                Box::new(GlobalWeightsMixer::new(&(vs.root() / "g"), d, f, global).unwrap()),
+                Box::new(InstanceWeightsMixer::new(&(vs.root() / "i"), d, f, instance).unwrap()),
+                Box::new(CrossAttentionMixer::new(&(vs.root() / "c"), d, attention).unwrap()),
+            ];
+            for (_, t) in vs.variables() {
+                tch::no_grad(|| t.shallow_clone().copy_(&(Tensor::randn_like(&t) * 0.3)));
+            }
+            let inp = Tensor::randn([n, f, d], (kind, Device::Cpu));
+            let partial = Tensor::rand([n, f], (Kind::Float, Device::Cpu)).lt(0.3);
+            let _ = partial.select(1, 0).fill_(0); // no row hidden entirely
+            let dead = partial.copy();
+            let _ = dead.get(n - 1).fill_(1);
+            let additive =
+                Tensor::randn([n, f], (kind, Device::Cpu)).masked_fill(&partial, f64::NEG_INFINITY);
+            let strided = Tensor::randn([n, d, f], (kind, Device::Cpu)).transpose(1, 2);
+            let four = inp.view([1, n, f, d]);
+            let inputs = [(&inp, "input"), (&strided, "strided input"), (&four, "4-D input")];
+            let masks = [
+                (None, "no mask"),
+                (Some(&partial), "partial bool mask"),
+                (Some(&dead), "bool mask hiding a row"),
+                (Some(&additive), "float mask"),
+            ];
+            for mix in &mixers {
+                for ((inp, which), (mask, masked)) in
+                    inputs.iter().flat_map(|i| masks.map(|m| (i, m)))
+                {
+                    let mask = mask.map(|m| m.reshape(&inp.size()[..inp.dim() - 1]));
+                    let mask = mask.as_ref();
+                    let name = mix.spec().name();
+                    let what = format!("{name} {kind:?} {which} keep_dim {keep_dim} {masked}");
+                    let (out, importance) =
+                        mix.f_forward_and_importance_t(inp, mask, false).unwrap();
+                    let fast = tch::no_grad(|| mix.f_forward_t(inp, mask, false)).unwrap();
+                    let fast_importance = tch::no_grad(|| mix.f_importance(inp, mask)).unwrap();
+                    let (both, both_importance) =
+                        tch::no_grad(|| mix.f_forward_and_importance_t(inp, mask, false)).unwrap();
+                    assert_eq!(fast.size(), out.size(), "{what}");
+                    // Relative to the outputs' scale (the weights are redrawn large).
+                    let scale = 1.0 + out.abs().max().double_value(&[]);
+                    let off = |a: &Tensor, b: &Tensor| max_diff(a, b) / scale;
+                    assert!(off(&out, &fast) < tolerance, "{what}: {}", off(&out, &fast));
+                    assert!(off(&out, &both) < tolerance, "{what}: both");
+                    assert!(max_diff(&importance, &fast_importance) < tolerance, "{what}: imp.");
+                    assert!(
+                        max_diff(&importance, &both_importance) < tolerance,
+                        "{what}: both imp."
+                    );
+                }
+            }
+        }
+    }
+}

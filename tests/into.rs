@@ -182,3 +182,37 @@ fn a_shared_mixer_writes_into_buffers_from_many_threads() {
         });
     }
 }
+
+#[test]
+fn buffers_of_other_strides_or_inside_the_input_get_the_values_all_the_same() {
+    seed();
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    for mixer in mixers(&mut vs, false, Kind::Float) {
+        let name = mixer.spec().name();
+        for batch in [1, 3] {
+            let inp = Tensor::randn([batch, 5, 8], (Kind::Float, Device::Cpu));
+            let (out, importance) =
+                tch::no_grad(|| mixer.f_forward_and_importance_t(&inp, None, false).unwrap());
+            // A transposed buffer: not contiguous, so the values are copied in.
+            let strided = Tensor::full([8, batch], f64::NAN, (Kind::Float, Device::Cpu));
+            let mut view = strided.transpose(0, 1);
+            mixer.f_forward_into(&mut view, &inp, None).unwrap();
+            assert!(view.equal(&out), "{name} batch {batch}: transposed buffer");
+            // A buffer inside the input: the input is read whole before it is written.
+            let copy = inp.copy();
+            let mut inside = copy.select(1, 0);
+            mixer.f_forward_into(&mut inside, &copy, None).unwrap();
+            assert!(inside.equal(&out), "{name} batch {batch}: buffer inside the input");
+            let copy = inp.copy();
+            let mut inside = copy.select(2, 0).narrow(1, 0, 5);
+            let both = mixer.f_forward_and_importance_into(
+                &mut Tensor::zeros_like(&out),
+                &mut inside,
+                &copy,
+                None,
+            );
+            both.unwrap();
+            assert!(inside.equal(&importance), "{name} batch {batch}: importance inside the input");
+        }
+    }
+}

@@ -5,7 +5,7 @@
 
 use tch::{nn, Device, Kind, Tensor};
 
-use super::fast::{Derived, KeyWeights, Mixed, Packed, Request};
+use super::fast::{Derived, KeyWeights, Mixed, Packed, Request, LARGE_BATCH};
 use super::multihead::MultiheadAttention;
 use crate::error::Result;
 use crate::kernels::{self, Scratch};
@@ -86,6 +86,31 @@ pub(crate) trait Attend {
         output: bool,
         scratch: &mut Scratch,
     ) -> Result<Option<KeyWeights>>;
+
+    /// The multiply-adds per instance of [`Attend::small`] with `f` features of width `d` and
+    /// `h` heads; `None` where the mixer has no such kernel.
+    fn small_work(f: usize, d: usize, h: usize) -> Option<usize> {
+        let _ = (f, d, h);
+        None
+    }
+
+    /// A whole inference call on a small batch in one kernel, from the input `(N, F, D)` (its
+    /// `shape`) and the mask (bool or additive, `(N, F)`) to the mixed vectors `(N, D)` (plus the
+    /// mean over the features with `skip`) and the importance `(N, F)`, written into `outputs`.
+    /// Called only where [`Attend::small_work`] is `Some` and the kernels apply. `false` where
+    /// the kernel declined the input (see [`Attend::kernel`]).
+    fn small(
+        attention: &MultiheadAttention,
+        derived: &Derived,
+        inp: &Tensor,
+        shape: (i64, i64, i64),
+        mask: Option<&Tensor>,
+        skip: bool,
+        outputs: kernels::CrossOutputs<'_>,
+    ) -> Result<bool> {
+        let _ = (attention, derived, inp, shape, mask, skip, outputs);
+        Ok(false)
+    }
 }
 
 /// What a call asks for: the mixed features, their importance, or both.
@@ -160,9 +185,13 @@ impl AttentionCore {
         self.attention.variables().into_iter().map(|(key, t)| (prefixed(key), t)).collect()
     }
 
-    /// Validates `inp` and `mask`; `None` for an input without features, else the flattened batch.
+    /// Validates `inp` and `mask` (see [`mixer::check_input`]).
+    fn check(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<()> {
+        mixer::check_input(inp, mask, self.mod_dim, None, self.kind(), self.device())
+    }
+
+    /// `None` for an input without features, else the flattened batch of a checked input.
     fn batch(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Option<Batch>> {
-        mixer::check_input(inp, mask, self.mod_dim, None, self.kind(), self.device())?;
         let shape = inp.size();
         let (features, leading) = (shape[shape.len() - 2], shape[..shape.len() - 2].to_vec());
         if features == 0 {
@@ -194,6 +223,92 @@ impl AttentionCore {
         Ok(Mixed { mixed, importance })
     }
 
+    /// A whole inference call in one kernel ([`Attend::small`]), for a batch small enough that
+    /// the kernels would run it on the calling thread alone: the outputs as [`Self::mix`] gives
+    /// them, written into the caller's `buffers` where there are some. `None` where the kernel
+    /// does not apply (the mixer has none, training with dropout, autograd recording, half
+    /// precision, CUDA, a larger batch, a non-contiguous input or mask, a float mask of another
+    /// dtype, a buffer that does not fit, an input with infinities): the caller takes the
+    /// usual path. `inp` and `mask` are checked already.
+    fn small<A: Attend>(
+        &self,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+        want: Want,
+        buffers: mixer::Buffers<'_>,
+    ) -> Result<Option<(Option<Tensor>, Option<Tensor>)>> {
+        let AttentionConfig { dropout, skip, keep_dim, n_heads, .. } = self.config;
+        let shape = inp.size();
+        let (f, d) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+        let leading = &shape[..shape.len() - 2];
+        let size = |s: i64| usize::try_from(s).unwrap_or(0);
+        let work = A::small_work(size(f), size(d), size(n_heads));
+        let n = inp.numel() / size(f * d).max(1);
+        let Some(work) = work.filter(|_| f > 0 && n > 0 && (!train || dropout == 0.0)) else {
+            return Ok(None);
+        };
+        let resolved = |t: &Tensor| t.is_contiguous() && !t.is_neg();
+        let mask_fits =
+            mask.is_none_or(|m| resolved(m) && (m.kind() == Kind::Bool || m.kind() == inp.kind()));
+        let small = (n as i64) < LARGE_BATCH && kernels::one_part(n, work);
+        if !small || !mask_fits || !resolved(inp) {
+            return Ok(None);
+        }
+        if !kernels::applies(&[inp, &self.attention.in_proj_weight]) {
+            return Ok(None);
+        }
+        let mut reads = vec![inp];
+        reads.extend(mask);
+        let mut mixed_shape = leading.to_vec();
+        mixed_shape.extend(if keep_dim { vec![1, d] } else { vec![d] });
+        let mut importance_shape = leading.to_vec();
+        importance_shape.push(f);
+        let kind = inp.kind();
+        let mixed = match want.output() {
+            true => match mixer::kernel_output(buffers.mixed, &mixed_shape, kind, &reads)? {
+                Some(mixed) => Some(mixed),
+                None => return Ok(None),
+            },
+            false => None,
+        };
+        reads.extend(&mixed);
+        let importance = match want.importance() {
+            true => {
+                let buffer = buffers.importance;
+                match mixer::kernel_output(buffer, &importance_shape, kind, &reads)? {
+                    Some(importance) => Some(importance),
+                    None => return Ok(None),
+                }
+            }
+            false => None,
+        };
+        let derived = self.attention.derived::<A>(true)?;
+        let (mut mixed, mut importance) = (mixed, importance);
+        let outputs =
+            kernels::CrossOutputs { mixed: mixed.as_mut(), importance: importance.as_mut() };
+        let shape = (n as i64, f, d);
+        if !A::small(&self.attention, &derived, inp, shape, mask, skip, outputs)? {
+            return Ok(None);
+        }
+        Ok(Some((mixed, importance)))
+    }
+
+    /// [`Self::mix`] in eval mode into the caller's `buffers`, where [`Self::small`] takes the
+    /// call; `false` where it does not (nothing is then written).
+    pub(crate) fn mix_into<A: Attend>(
+        &self,
+        inp: &Tensor,
+        mask: Option<&Tensor>,
+        want: Want,
+        buffers: mixer::Buffers<'_>,
+    ) -> Result<bool> {
+        let _call = kernels::Call::start(inp);
+        self.check(inp, mask)?;
+        let _no_grad = tch::no_grad_guard();
+        Ok(self.small::<A>(inp, mask, false, want, buffers)?.is_some())
+    }
+
     /// Runs one attention mixer: the mixed features `(..., mod_dim)` (or `(..., 1, mod_dim)`
     /// with `keep_dim`) and the importance `(..., n_features)`, as wanted.
     pub(crate) fn mix<A: Attend>(
@@ -204,6 +319,10 @@ impl AttentionCore {
         want: Want,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let _call = kernels::Call::start(inp);
+        self.check(inp, mask)?;
+        if let Some(outputs) = self.small::<A>(inp, mask, train, want, Default::default())? {
+            return Ok(outputs);
+        }
         let Some(batch) = self.batch(inp, mask)? else {
             let shape = inp.size();
             let none = Tensor::f_zeros(&shape[..shape.len() - 1], (self.kind(), self.device()))?;
@@ -348,6 +467,53 @@ macro_rules! impl_attention_mixer {
                 let want = $crate::attention::Want::Both;
                 let (mixed, importance) = self.core.mix::<Self>(inp, mask, train, want)?;
                 Ok((mixed.expect("asked for"), importance.expect("asked for")))
+            }
+
+            fn f_forward_into(
+                &self,
+                out: &mut tch::Tensor,
+                inp: &tch::Tensor,
+                mask: Option<&tch::Tensor>,
+            ) -> $crate::Result<()> {
+                let want = $crate::attention::Want::Output;
+                let buffers = $crate::mixer::Buffers { mixed: Some(&mut *out), importance: None };
+                if !self.core.mix_into::<Self>(inp, mask, want, buffers)? {
+                    $crate::mixer::forward_into(self, out, inp, mask)?;
+                }
+                Ok(())
+            }
+
+            fn f_importance_into(
+                &self,
+                importance: &mut tch::Tensor,
+                inp: &tch::Tensor,
+                mask: Option<&tch::Tensor>,
+            ) -> $crate::Result<()> {
+                let want = $crate::attention::Want::Importance;
+                let buffers =
+                    $crate::mixer::Buffers { mixed: None, importance: Some(&mut *importance) };
+                if !self.core.mix_into::<Self>(inp, mask, want, buffers)? {
+                    $crate::mixer::importance_into(self, importance, inp, mask)?;
+                }
+                Ok(())
+            }
+
+            fn f_forward_and_importance_into(
+                &self,
+                out: &mut tch::Tensor,
+                importance: &mut tch::Tensor,
+                inp: &tch::Tensor,
+                mask: Option<&tch::Tensor>,
+            ) -> $crate::Result<()> {
+                let want = $crate::attention::Want::Both;
+                let buffers = $crate::mixer::Buffers {
+                    mixed: Some(&mut *out),
+                    importance: Some(&mut *importance),
+                };
+                if !self.core.mix_into::<Self>(inp, mask, want, buffers)? {
+                    $crate::mixer::forward_and_importance_into(self, out, importance, inp, mask)?;
+                }
+                Ok(())
             }
 
             fn reset_parameters(&mut self) -> $crate::Result<()> {

@@ -103,9 +103,9 @@ pub(crate) struct Packed {
     /// inputs into queries and keys ([`Attend::PROJECTS_QUERIES_KEYS`]).
     pub(crate) queries_keys: Option<Tensor>,
     /// The value projection with its bias, one block of `D / H` columns per head.
-    value: Tensor,
+    pub(crate) value: Tensor,
     /// The output projection with its bias, one block of `D` columns.
-    out: Tensor,
+    pub(crate) out: Tensor,
 }
 
 impl Packed {

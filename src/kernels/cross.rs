@@ -3,13 +3,14 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
+use super::gemm::{Linear, Sizes};
 use super::math::{dot, dot4, hides_all, softmax, weighted_rows, Element};
 use super::memory::{prefetch, split_planes, Views};
 use super::team::{self, Kernel};
 use super::{applies, dispatch, Scratch, Shape};
-use crate::error::Result;
+use crate::error::{MixError, Result};
 
 /// What [`cross`] computes.
 pub(crate) struct CrossPooled {
@@ -130,5 +131,154 @@ impl<'a, T: Element> Kernel for Cross<'a, T> {
                 weighted_rows::<T, FMA>(&mut pooled, j, &rows, x, d);
             }
         }
+    }
+}
+
+/// The weights [`cross_small`] reads: the key vectors `(H, D)`, and the value and output
+/// projections packed (see [`super::pack`]), `(H, D / H, D)` and `(1, D, D)` with their biases.
+pub(crate) struct CrossWeights<'t> {
+    pub(crate) keys: &'t Tensor,
+    pub(crate) value: &'t Tensor,
+    pub(crate) out: &'t Tensor,
+}
+
+/// Where [`cross_small`] writes: the mixed vectors (`N D` elements) and the importance (`N F`),
+/// each where asked for; contiguous CPU tensors of the input's kind that share no bytes with it.
+pub(crate) struct CrossOutputs<'t> {
+    pub(crate) mixed: Option<&'t mut Tensor>,
+    pub(crate) importance: Option<&'t mut Tensor>,
+}
+
+/// A whole cross-attention call on a small inference batch, from the input to the outputs in
+/// one pass on this thread, with no libtorch op: the weights as [`cross`] finds them, their
+/// mean over the heads (the importance), and the mixed vectors
+/// `W_o concat_h(W_v,h pooled_h + b_v,h) + b_o (+ mean_f x with skip)`, where a row that its
+/// mask hides entirely pools nothing and gets no value bias.
+///
+/// `x`: `(N, F, D)` (contiguous, any shape of that many elements); `mask`: `(N, F)`, bool (`true`
+/// = hidden) or additive of `x`'s kind. Returns `false`, with the outputs half written, where a
+/// score (before the mask) was not finite: PyTorch's op sequence differs there, and the caller
+/// takes it instead.
+pub(crate) fn cross_small(
+    x: &Tensor,
+    shape: (i64, i64, i64),
+    mask: Option<&Tensor>,
+    weights: CrossWeights<'_>,
+    skip: bool,
+    outputs: CrossOutputs<'_>,
+) -> Result<bool> {
+    let (n, f, d) = shape;
+    let heads = weights.keys.size().first().copied().unwrap_or(0);
+    let shape = Shape::of(n, f, d);
+    let h = usize::try_from(heads).unwrap_or(0);
+    let value = Sizes::of(shape.n, shape.d, shape.d / h.max(1), h);
+    let out = Sizes::of(shape.n, shape.d, shape.d, 1);
+    let fits = h > 0
+        && shape.n > 0
+        && shape.f > 0
+        && shape.d.is_multiple_of(h)
+        && x.numel() == shape.n * shape.f * shape.d
+        && weights.keys.numel() == h * shape.d
+        && weights.value.numel() == value.packed_len()
+        && weights.out.numel() == out.packed_len()
+        && mask.is_none_or(|m| m.numel() == shape.n * shape.f)
+        && outputs.mixed.as_ref().is_none_or(|t| t.numel() == shape.n * shape.d)
+        && outputs.importance.as_ref().is_none_or(|t| t.numel() == shape.n * shape.f);
+    if !fits {
+        return Err(MixError::Shape {
+            what: "small cross-attention call",
+            expected: format!("input ({n}, {f}, {d}) with {heads} heads and outputs to fit"),
+            got: x.size(),
+        });
+    }
+    let CrossOutputs { mixed, importance } = outputs;
+    let finite;
+    dispatch!(x.kind(), |T| {
+        let mut views = Views::default();
+        let x = views.read::<T>(x)?;
+        let u = views.read::<T>(weights.keys)?;
+        let (w_v, w_o) = (views.read::<T>(weights.value)?, views.read::<T>(weights.out)?);
+        // A bool mask becomes additive here, as `MultiheadAttention::additive_mask` makes it.
+        let additive: Option<Vec<T>> = match mask {
+            Some(mask) if mask.kind() == Kind::Bool => Some(
+                views
+                    .read_bool(mask)?
+                    .iter()
+                    .map(|&hidden| if hidden != 0 { T::NEG_INFINITY } else { T::ZERO })
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let m = match (&additive, mask) {
+            (Some(additive), _) => Some(additive.as_slice()),
+            (None, Some(mask)) => Some(views.read::<T>(mask)?),
+            (None, None) => None,
+        };
+        let mixed = mixed.map(|t| views.write::<T>(t)).transpose()?;
+        let importance = importance.map(|t| views.write::<T>(t)).transpose()?;
+        let cross = Cross { shape, heads: h, x, u, m, finite: AtomicBool::new(true) };
+        let job = CrossSmall { cross, value, out, w_v, w_o, skip };
+        let part = (mixed.unwrap_or_default(), importance.unwrap_or_default());
+        team::run(&job, vec![(0..shape.n, part)]);
+        finite = job.cross.finite.into_inner();
+    });
+    Ok(finite)
+}
+
+struct CrossSmall<'a, T> {
+    cross: Cross<'a, T>,
+    /// The sizes of the value and the output projection.
+    value: Sizes,
+    out: Sizes,
+    w_v: &'a [T],
+    w_o: &'a [T],
+    skip: bool,
+}
+
+impl<'a, T: Element> Kernel for CrossSmall<'a, T> {
+    /// The mixed vectors and the importance; empty where not asked for.
+    type Part = (&'a mut [T], &'a mut [T]);
+
+    #[inline(always)]
+    fn run<const FMA: bool, const REGS32: bool>(
+        &self,
+        range: Range<usize>,
+        (mixed, importance): Self::Part,
+    ) {
+        let (Shape { n, f, d }, heads) = (self.cross.shape, self.cross.heads);
+        let output = !mixed.is_empty();
+        let mut weights = vec![T::ZERO; n * heads * f];
+        let mut pooled = vec![T::ZERO; if output { (heads + 1) * n * d } else { 0 }];
+        let planes = pooled.chunks_exact_mut((n * d).max(1)).collect();
+        self.cross.run::<FMA, REGS32>(range.clone(), (&mut weights[..], planes));
+        if !self.cross.finite.load(Ordering::Relaxed) {
+            return;
+        }
+        let h = T::from_f64(heads as f64);
+        for (weights, importance) in weights.chunks_exact(heads * f).zip(importance.chunks_mut(f)) {
+            for (feature, slot) in importance.iter_mut().enumerate() {
+                let total =
+                    (0..heads).fold(T::ZERO, |total, head| total + weights[head * f + feature]);
+                *slot = total / h;
+            }
+        }
+        if !output {
+            return;
+        }
+        let (pooled, mean) = pooled.split_at(heads * n * d);
+        let mut concat = vec![T::ZERO; n * d];
+        let value = Linear { sizes: self.value, x: pooled, shared: false, w: self.w_v, add: None };
+        value.run::<FMA, REGS32>(range.clone(), &mut concat[..]);
+        if let Some(m) = self.cross.m {
+            // A row hidden entirely pools nothing, its value bias included.
+            for (row, m) in concat.chunks_exact_mut(d).zip(m.chunks_exact(f)) {
+                if hides_all(Some(m)) {
+                    row.iter_mut().for_each(|v| *v = T::ZERO);
+                }
+            }
+        }
+        let add = self.skip.then_some(mean);
+        let out = Linear { sizes: self.out, x: &concat, shared: true, w: self.w_o, add };
+        out.run::<FMA, REGS32>(range, mixed);
     }
 }

@@ -3,47 +3,74 @@
 
 use std::ops::Range;
 
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 use super::math::{dot, dot4, dot4x2, dot4x4, softmax, weighted_rows, Element};
 use super::memory::{split_planes, Views};
 use super::team::{self, Kernel};
 use super::{applies, dispatch, Shape};
-use crate::error::Result;
+use crate::error::{MixError, Result};
 
 /// Elements of an instance's flattened features per tile of the kernel.
 const TILE: usize = 1024;
 
 /// InstanceWeightsMixer in one pass: `importance[n] = softmax(W x[n].flatten() + b)` and
 /// `mixed[n] = sum_f (importance[n, f] + fold) x[n, f]`, where `fold` is `1/F` (skip folded in)
-/// or 0. `x`: `(N, F, D)`, `weight`: `(F, F D)`, `bias`: `(F,)`; returns `((N, D), (N, F))`
-/// (the mixed vectors only where `output`), or `None` where [`applies`] is false.
+/// or 0. `x`: `(N, F, D)` as `shape` (any strides), `weight`: `(F, F D)`, `bias`: `(F,)`; writes
+/// `importance` (`N F` elements) and, where given, `mixed` (`N D`): contiguous CPU tensors of
+/// `x`'s kind that share no bytes with the inputs. `false` (nothing written) where [`applies`]
+/// is false.
 pub(crate) fn instance(
     x: &Tensor,
+    shape: (i64, i64, i64),
     weight: &Tensor,
     bias: Option<&Tensor>,
     fold: bool,
-    output: bool,
-) -> Result<Option<(Option<Tensor>, Tensor)>> {
+    mixed: Option<&mut Tensor>,
+    importance: &mut Tensor,
+) -> Result<bool> {
     let mut tensors = vec![x, weight];
     tensors.extend(bias);
     if !applies(&tensors) {
-        return Ok(None);
+        return Ok(false);
     }
-    let (n, f, d) = x.size3()?;
-    let options = (x.kind(), Device::Cpu);
-    let rows = if output { n } else { 0 };
-    let (mut mixed, mut importance) =
-        (Tensor::f_empty([rows, d], options)?, Tensor::f_empty([n, f], options)?);
-    let (x, weight) = (super::resolved(x)?, super::resolved(weight)?);
-    let bias = bias.map(super::resolved).transpose()?;
+    let (n, f, d) = shape;
     let shape = Shape::of(n, f, d);
+    let size = shape.f * shape.d;
+    let fits = x.numel() == shape.n * size
+        && weight.numel() == shape.f * size
+        && bias.is_none_or(|b| b.numel() == shape.f)
+        && mixed.as_ref().is_none_or(|m| m.numel() == shape.n * shape.d)
+        && importance.numel() == shape.n * shape.f;
+    if !fits {
+        return Err(MixError::Shape {
+            what: "instance weights call",
+            expected: format!("input ({n}, {f}, {d}), weight ({f}, {})", f * d),
+            got: x.size(),
+        });
+    }
+    // Views need contiguous, resolved tensors: copies only where these are not.
+    let resolve = |t: &Tensor| -> Result<Option<Tensor>> {
+        match t.is_contiguous() && !t.is_neg() {
+            true => Ok(None),
+            false => super::resolved(t).map(Some),
+        }
+    };
+    let (x_copy, weight_copy) = (resolve(x)?, resolve(weight)?);
+    let bias_copy = bias.map(resolve).transpose()?.flatten();
+    let x = x_copy.as_ref().unwrap_or(x);
+    let weight = weight_copy.as_ref().unwrap_or(weight);
+    let bias = bias_copy.as_ref().or(bias);
+    let output = mixed.is_some();
     dispatch!(x.kind(), |T| {
         let mut views = Views::default();
-        let (x, w) = (views.read::<T>(&x)?, views.read::<T>(&weight)?);
-        let b = bias.as_ref().map(|b| views.read::<T>(b)).transpose()?;
-        let mixed = views.write::<T>(&mut mixed)?;
-        let importance = views.write::<T>(&mut importance)?;
+        let (x, w) = (views.read::<T>(x)?, views.read::<T>(weight)?);
+        let b = bias.map(|b| views.read::<T>(b)).transpose()?;
+        let mixed = match mixed {
+            Some(mixed) => views.write::<T>(mixed)?,
+            None => &mut [],
+        };
+        let importance = views.write::<T>(importance)?;
         let job = Instance { shape, x, w, b, fold };
         let per = team::part_size(shape.n, shape.f * shape.f * shape.d);
         let mixed = split_planes(mixed, usize::from(output), shape.n, shape.d, per);
@@ -51,7 +78,7 @@ pub(crate) fn instance(
         let parts = mixed.into_iter().zip(importance).map(|(m, mut i)| (m, i.remove(0)));
         team::run(&job, team::ranges(shape.n, per).zip(parts).collect());
     });
-    Ok(Some((output.then_some(mixed), importance)))
+    Ok(true)
 }
 
 struct Instance<'a, T> {

@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::math::Element;
 use crate::error::{MixError, Result};
@@ -35,7 +35,10 @@ impl Views {
     }
 
     /// The elements of `t`, to write. `t` must be a buffer that this call allocated (fresh or
-    /// from a [`super::Scratch`]), so that nothing outside the call reads it meanwhile.
+    /// from a [`super::Scratch`]), or one that its caller handed over as `&mut Tensor` for the
+    /// call's outputs (the `_into` calls, whose documentation asks that no other thread use the
+    /// buffer meanwhile, as for any in-place libtorch op), so that nothing outside the call
+    /// reads or writes it meanwhile.
     pub(crate) fn write<'t, T: Element>(&mut self, t: &'t mut Tensor) -> Result<&'t mut [T]> {
         let (ptr, len) = self.check::<T>(t, true)?;
         if len == 0 {
@@ -46,13 +49,36 @@ impl Views {
         Ok(unsafe { std::slice::from_raw_parts_mut(ptr as *mut T, len) })
     }
 
+    /// The elements of a bool tensor `t` as bytes (libtorch stores `true` as 1), to read: bytes
+    /// rather than `bool`, for which a byte other than 0 or 1 would be undefined behaviour.
+    pub(crate) fn read_bool<'t>(&mut self, t: &'t Tensor) -> Result<&'t [u8]> {
+        let (ptr, len) = self.check_kind(t, Kind::Bool, 1, false)?;
+        if len == 0 {
+            return Ok(&[]);
+        }
+        // SAFETY: as in `read`, for a contiguous CPU tensor of `len` one-byte elements; every
+        // byte is a valid `u8`.
+        Ok(unsafe { std::slice::from_raw_parts(ptr as *const u8, len) })
+    }
+
     /// Checks `t` for a slice of `T` and records its bytes; returns its data pointer and length.
     fn check<T: Element>(&mut self, t: &Tensor, written: bool) -> Result<(usize, usize)> {
+        self.check_kind(t, T::KIND, std::mem::size_of::<T>(), written)
+    }
+
+    /// [`Views::check`] for elements of `kind`, `size` bytes each.
+    fn check_kind(
+        &mut self,
+        t: &Tensor,
+        kind: Kind,
+        size: usize,
+        written: bool,
+    ) -> Result<(usize, usize)> {
         let fits = t.device() == Device::Cpu && t.is_contiguous() && !t.is_neg();
-        if t.kind() != T::KIND || !fits {
+        if t.kind() != kind || !fits {
             return Err(MixError::Kind {
                 what: "kernel tensor",
-                expected: format!("a contiguous, resolved CPU tensor of {:?}", T::KIND),
+                expected: format!("a contiguous, resolved CPU tensor of {kind:?}"),
                 got: t.kind(),
             });
         }
@@ -61,7 +87,7 @@ impl Views {
             return Ok((0, 0));
         }
         let start = t.data_ptr() as usize;
-        let bytes = start..start + len * std::mem::size_of::<T>();
+        let bytes = start..start + len * size;
         let overlaps = |other: &Range<usize>| bytes.start < other.end && other.start < bytes.end;
         if self.taken.iter().any(|(other, w)| (written || *w) && overlaps(other)) {
             return Err(MixError::Config(
@@ -71,6 +97,16 @@ impl Views {
         self.taken.push((bytes, written));
         Ok((start, len))
     }
+}
+
+/// Whether two contiguous tensors share bytes (an empty one shares none).
+pub(crate) fn overlap(a: &Tensor, b: &Tensor) -> bool {
+    let extent = |t: &Tensor| {
+        let start = t.data_ptr() as usize;
+        start..start + t.numel() * t.kind().elt_size_in_bytes()
+    };
+    let (a, b) = (extent(a), extent(b));
+    !a.is_empty() && !b.is_empty() && a.start < b.end && b.start < a.end
 }
 
 /// Splits `out`, laid out as `planes` planes of `n` rows of `width` elements (`(P, n, width)`),

@@ -24,12 +24,13 @@ mod self_attention;
 mod team;
 mod weighted;
 
-pub(crate) use cross::cross;
+pub(crate) use cross::{cross, cross_small, CrossOutputs, CrossWeights};
 pub(crate) use gemm::{linear, pack};
 pub(crate) use instance::instance;
+pub(crate) use memory::overlap;
 pub(crate) use self_attention::self_weights;
 pub(crate) use team::Call;
-pub(crate) use weighted::weighted_sums;
+pub(crate) use weighted::{global, weighted_sums};
 
 use tch::{Device, Kind, Tensor};
 
@@ -43,6 +44,12 @@ pub(crate) fn applies(tensors: &[&Tensor]) -> bool {
     !recording
         && matches!(kind, Kind::Float | Kind::Double)
         && tensors.iter().all(|t| t.device() == Device::Cpu && t.kind() == kind)
+}
+
+/// Whether a kernel over `n` instances of `work` multiply-adds each runs on the calling thread
+/// alone (see `team::part_size`): a batch small enough for one kernel to take the whole call.
+pub(crate) fn one_part(n: usize, work: usize) -> bool {
+    team::part_size(n, work) >= n
 }
 
 /// Output buffers reused from one chunk of a large inference batch to the next, so that each

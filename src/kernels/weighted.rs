@@ -5,11 +5,11 @@ use std::ops::Range;
 
 use tch::Tensor;
 
-use super::math::{weighted_rows, Element};
+use super::math::{self, weighted_rows, Element};
 use super::memory::{split_planes, Views};
 use super::team::{self, Kernel};
 use super::{applies, dispatch, Scratch, Shape};
-use crate::error::Result;
+use crate::error::{MixError, Result};
 
 /// `out[r, n, :] = sum_f (w[n, r, f] + shift) x[n, f, :]` for every row `r` of the weights,
 /// plus, with `mean`, one more row `out[R, n, :] = mean_f x[n, f, :]` (swak's skip term).
@@ -79,4 +79,58 @@ impl<'a, T: Element> Kernel for WeightedSums<'a, T> {
             weighted_rows::<T, FMA>(&mut planes, j, &shifted, x, d);
         }
     }
+}
+
+/// The global weights mixer's inference in one kernel: the weights `(F,)` (with `normalise`,
+/// the softmax of `weights`) into every row of `importance` (`F` elements per row, any number
+/// of rows), and into `mixed` the weighted sums `sum_f (w_f + shift) x[n, f, :]` (`N D`
+/// elements); each where given. The batch splits over threads as in [`weighted_sums`].
+///
+/// `x`: `(N, F, D)` as `shape`, contiguous; `mixed` and `importance` contiguous CPU tensors of
+/// `x`'s kind that share no bytes with it.
+pub(crate) fn global(
+    x: &Tensor,
+    shape: (i64, i64, i64),
+    weights: &Tensor,
+    normalise: bool,
+    shift: f64,
+    mixed: Option<&mut Tensor>,
+    importance: Option<&mut Tensor>,
+) -> Result<()> {
+    let (n, f, d) = shape;
+    let shape = Shape::of(n, f, d);
+    let fits = shape.f > 0
+        && x.numel() == shape.n * shape.f * shape.d
+        && weights.numel() == shape.f
+        && mixed.as_ref().is_none_or(|t| t.numel() == shape.n * shape.d)
+        && importance.as_ref().is_none_or(|t| t.numel() % shape.f == 0);
+    if !fits {
+        return Err(MixError::Shape {
+            what: "global weights call",
+            expected: format!("input ({n}, {f}, {d}) and {f} weights"),
+            got: x.size(),
+        });
+    }
+    dispatch!(x.kind(), |T| {
+        let mut views = Views::default();
+        let (x, weights) = (views.read::<T>(x)?, views.read::<T>(weights)?);
+        let mut softmax = weights.to_vec();
+        if normalise {
+            math::softmax(&mut softmax, false);
+        }
+        if let Some(importance) = importance {
+            for row in views.write::<T>(importance)?.chunks_exact_mut(shape.f) {
+                row.copy_from_slice(&softmax);
+            }
+        }
+        if let Some(mixed) = mixed {
+            let mixed = views.write::<T>(mixed)?;
+            let (w, shift) = (&softmax[..], T::from_f64(shift));
+            let job = WeightedSums { shape, rows: 1, x, w, shift, shared: true, mean: false };
+            let per = team::part_size(shape.n, shape.f * shape.d);
+            let planes = split_planes(mixed, 1, shape.n, shape.d, per);
+            team::run(&job, team::ranges(shape.n, per).zip(planes).collect());
+        }
+    });
+    Ok(())
 }
