@@ -276,9 +276,12 @@ impl Mixer for GlobalWeightsMixer {
     fn f_importance(&self, inp: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let _call = kernels::Call::start(inp);
         self.check(inp, mask)?;
-        let want = Want::Importance;
-        if let Some((_, importance)) = self.on_kernels(inp, false, want, Default::default())? {
-            return Ok(importance.expect("asked for"));
+        // Above one instance the importance is libtorch's softmax expanded, kernels or not.
+        if inp.numel() as i64 == self.n_features * self.mod_dim {
+            let want = Want::Importance;
+            if let Some((_, importance)) = self.on_kernels(inp, false, want, Default::default())? {
+                return Ok(importance.expect("asked for"));
+            }
         }
         self.importance_of(inp)
     }
