@@ -153,20 +153,6 @@ impl GlobalWeightsMixer {
         if !usable {
             return Ok(None);
         }
-        let shape = inp.size();
-        let leading = &shape[..shape.len() - 2];
-        let kind = inp.kind();
-        let mixed = match want.output() {
-            true => {
-                let mut mixed_shape = leading.to_vec();
-                mixed_shape.extend(if keep_dim { vec![1, d] } else { vec![d] });
-                match mixer::kernel_output(buffers.mixed, &mixed_shape, kind, &[inp])? {
-                    Some(mixed) => Some(mixed),
-                    None => return Ok(None),
-                }
-            }
-            false => None,
-        };
         // One instance takes the softmax from the kernel; a larger batch from libtorch (one op
         // among many), which the importance of the allocating calls expands (a view). Either way
         // every call on the same batch size gives the same bits.
@@ -175,19 +161,12 @@ impl GlobalWeightsMixer {
             1 => None,
             _ => Some(self.coeffs.f_softmax(-1, None::<Kind>)?),
         };
-        let importance = match (want.importance(), buffers.importance) {
-            (false, _) => None,
-            (true, None) if n > 1 => None,
-            (true, buffer) => {
-                let mut importance_shape = leading.to_vec();
-                importance_shape.push(f);
-                let mut reads = vec![inp];
-                reads.extend(&mixed);
-                match mixer::kernel_output(buffer, &importance_shape, kind, &reads)? {
-                    Some(importance) => Some(importance),
-                    None => return Ok(None),
-                }
-            }
+        let rows = want.importance() && (buffers.importance.is_some() || n == 1);
+        let wanted = (want.output(), rows);
+        let Some((mixed, importance)) =
+            mixer::kernel_outputs(inp, None, keep_dim, wanted, buffers)?
+        else {
+            return Ok(None);
         };
         let shift = if skip { 1.0 / f as f64 } else { 0.0 };
         let (mut mixed, mut importance) = (mixed, importance);
@@ -202,26 +181,23 @@ impl GlobalWeightsMixer {
         }
         let importance = match (importance, softmax) {
             (None, Some(softmax)) if want.importance() => {
-                Some(softmax.f_expand(&shape[..shape.len() - 1], false)?)
+                Some(softmax.f_expand(&inp.size()[..inp.dim() - 1], false)?)
             }
             (importance, _) => importance,
         };
         Ok(Some((mixed, importance)))
     }
 
-    /// [`Self::on_kernels`] in eval mode into the caller's `buffers`; `false` where the kernels
-    /// do not apply (nothing is then written).
-    fn mix_into(
+    /// [`Self::on_kernels`] for the `_into` calls (see [`mixer::into_buffers`]): `false`
+    /// where the kernels do not take the call (nothing is then written).
+    fn write_direct(
         &self,
         inp: &Tensor,
         mask: Option<&Tensor>,
-        want: Want,
         buffers: mixer::Buffers<'_>,
     ) -> Result<bool> {
-        let _call = kernels::Call::start(inp);
         self.check(inp, mask)?;
-        let _no_grad = tch::no_grad_guard();
-        Ok(self.on_kernels(inp, false, want, buffers)?.is_some())
+        Ok(self.on_kernels(inp, false, buffers.want(), buffers)?.is_some())
     }
 
     /// The mixed features; `softmax` is the softmax of the coefficients where the caller has it.
@@ -309,11 +285,8 @@ impl Mixer for GlobalWeightsMixer {
     }
 
     fn f_forward_into(&self, out: &mut Tensor, inp: &Tensor, mask: Option<&Tensor>) -> Result<()> {
-        let buffers = mixer::Buffers { mixed: Some(&mut *out), importance: None };
-        if !self.mix_into(inp, mask, Want::Output, buffers)? {
-            mixer::forward_into(self, out, inp, mask)?;
-        }
-        Ok(())
+        let direct = |buffers: mixer::Buffers<'_>| self.write_direct(inp, mask, buffers);
+        mixer::into_buffers(self, inp, mask, Some(out), None, direct)
     }
 
     fn f_importance_into(
@@ -322,11 +295,8 @@ impl Mixer for GlobalWeightsMixer {
         inp: &Tensor,
         mask: Option<&Tensor>,
     ) -> Result<()> {
-        let buffers = mixer::Buffers { mixed: None, importance: Some(&mut *importance) };
-        if !self.mix_into(inp, mask, Want::Importance, buffers)? {
-            mixer::importance_into(self, importance, inp, mask)?;
-        }
-        Ok(())
+        let direct = |buffers: mixer::Buffers<'_>| self.write_direct(inp, mask, buffers);
+        mixer::into_buffers(self, inp, mask, None, Some(importance), direct)
     }
 
     fn f_forward_and_importance_into(
@@ -336,11 +306,8 @@ impl Mixer for GlobalWeightsMixer {
         inp: &Tensor,
         mask: Option<&Tensor>,
     ) -> Result<()> {
-        let buffers = mixer::Buffers { mixed: Some(&mut *out), importance: Some(&mut *importance) };
-        if !self.mix_into(inp, mask, Want::Both, buffers)? {
-            mixer::forward_and_importance_into(self, out, importance, inp, mask)?;
-        }
-        Ok(())
+        let direct = |buffers: mixer::Buffers<'_>| self.write_direct(inp, mask, buffers);
+        mixer::into_buffers(self, inp, mask, Some(out), Some(importance), direct)
     }
 
     fn reset_parameters(&mut self) -> Result<()> {

@@ -148,31 +148,12 @@ impl InstanceWeightsMixer {
         if f == 0 || dropped || !kernels::applies(&[inp, &self.weight]) {
             return Ok(None);
         }
-        let shape = inp.size();
-        let leading = &shape[..shape.len() - 2];
-        let kind = inp.kind();
-        let mixed = match want.output() {
-            true => {
-                let mut mixed_shape = leading.to_vec();
-                mixed_shape.extend(if keep_dim { vec![1, d] } else { vec![d] });
-                match mixer::kernel_output(buffers.mixed, &mixed_shape, kind, &[inp])? {
-                    Some(mixed) => Some(mixed),
-                    None => return Ok(None),
-                }
-            }
-            false => None,
-        };
         // The kernel writes the importance in any case: a fresh tensor where none is wanted.
-        let mut importance_shape = leading.to_vec();
-        importance_shape.push(f);
-        let mut reads = vec![inp];
-        reads.extend(&mixed);
-        let buffer = buffers.importance.filter(|_| want.importance());
-        let Some(mut importance) = mixer::kernel_output(buffer, &importance_shape, kind, &reads)?
-        else {
+        let wanted = (want.output(), true);
+        let outputs = mixer::kernel_outputs(inp, None, keep_dim, wanted, buffers)?;
+        let Some((mut mixed, Some(mut importance))) = outputs else {
             return Ok(None);
         };
-        let mut mixed = mixed;
         let n = inp.numel() as i64 / (f * d).max(1);
         let (weight, bias) = (&self.weight, self.bias.as_ref());
         let into = mixed.as_mut();
@@ -183,19 +164,16 @@ impl InstanceWeightsMixer {
         Ok(Some((mixed, want.importance().then_some(importance))))
     }
 
-    /// [`Self::one_pass`] in eval mode into the caller's `buffers`; `false` where the kernel
-    /// does not apply (nothing is then written).
-    fn mix_into(
+    /// [`Self::one_pass`] for the `_into` calls (see [`mixer::into_buffers`]): `false` where
+    /// the kernel does not take the call (nothing is then written).
+    fn write_direct(
         &self,
         inp: &Tensor,
         mask: Option<&Tensor>,
-        want: Want,
         buffers: mixer::Buffers<'_>,
     ) -> Result<bool> {
-        let _call = kernels::Call::start(inp);
         self.check(inp, mask)?;
-        let _no_grad = tch::no_grad_guard();
-        Ok(self.one_pass(inp, false, want, buffers)?.is_some())
+        Ok(self.one_pass(inp, false, buffers.want(), buffers)?.is_some())
     }
 
     /// The mixed features and the importance along libtorch's ops, for what the kernel does not
@@ -278,11 +256,8 @@ impl Mixer for InstanceWeightsMixer {
     }
 
     fn f_forward_into(&self, out: &mut Tensor, inp: &Tensor, mask: Option<&Tensor>) -> Result<()> {
-        let buffers = mixer::Buffers { mixed: Some(&mut *out), importance: None };
-        if !self.mix_into(inp, mask, Want::Output, buffers)? {
-            mixer::forward_into(self, out, inp, mask)?;
-        }
-        Ok(())
+        let direct = |buffers: mixer::Buffers<'_>| self.write_direct(inp, mask, buffers);
+        mixer::into_buffers(self, inp, mask, Some(out), None, direct)
     }
 
     fn f_importance_into(
@@ -291,11 +266,8 @@ impl Mixer for InstanceWeightsMixer {
         inp: &Tensor,
         mask: Option<&Tensor>,
     ) -> Result<()> {
-        let buffers = mixer::Buffers { mixed: None, importance: Some(&mut *importance) };
-        if !self.mix_into(inp, mask, Want::Importance, buffers)? {
-            mixer::importance_into(self, importance, inp, mask)?;
-        }
-        Ok(())
+        let direct = |buffers: mixer::Buffers<'_>| self.write_direct(inp, mask, buffers);
+        mixer::into_buffers(self, inp, mask, None, Some(importance), direct)
     }
 
     fn f_forward_and_importance_into(
@@ -305,11 +277,8 @@ impl Mixer for InstanceWeightsMixer {
         inp: &Tensor,
         mask: Option<&Tensor>,
     ) -> Result<()> {
-        let buffers = mixer::Buffers { mixed: Some(&mut *out), importance: Some(&mut *importance) };
-        if !self.mix_into(inp, mask, Want::Both, buffers)? {
-            mixer::forward_and_importance_into(self, out, importance, inp, mask)?;
-        }
-        Ok(())
+        let direct = |buffers: mixer::Buffers<'_>| self.write_direct(inp, mask, buffers);
+        mixer::into_buffers(self, inp, mask, Some(out), Some(importance), direct)
     }
 
     fn reset_parameters(&mut self) -> Result<()> {

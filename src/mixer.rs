@@ -3,6 +3,7 @@
 
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::attention::Want;
 use crate::checkpoint::{self, StateDict};
 use crate::error::{MixError, Result};
 use crate::spec::Spec;
@@ -359,6 +360,88 @@ pub(crate) fn forward_and_importance_into<M: Mixer + ?Sized>(
 pub(crate) struct Buffers<'a> {
     pub(crate) mixed: Option<&'a mut Tensor>,
     pub(crate) importance: Option<&'a mut Tensor>,
+}
+
+impl Buffers<'_> {
+    /// What an `_into` call with these buffers asks for.
+    pub(crate) fn want(&self) -> Want {
+        match (self.mixed.is_some(), self.importance.is_some()) {
+            (true, false) => Want::Output,
+            (false, true) => Want::Importance,
+            _ => Want::Both,
+        }
+    }
+}
+
+/// The `_into` calls of a mixer whose kernels can write into the caller's buffers: `direct`
+/// checks the input and writes the buffers (eval mode, no autograd) where the kernels take the
+/// call, returning `true`; where it returns `false` (nothing written), the allocating call's
+/// result is copied in.
+pub(crate) fn into_buffers<M: Mixer + ?Sized>(
+    mixer: &M,
+    inp: &Tensor,
+    mask: Option<&Tensor>,
+    mut mixed: Option<&mut Tensor>,
+    mut importance: Option<&mut Tensor>,
+    direct: impl FnOnce(Buffers<'_>) -> Result<bool>,
+) -> Result<()> {
+    let written = {
+        let _call = kernels::Call::start(inp);
+        let _no_grad = tch::no_grad_guard();
+        direct(Buffers { mixed: mixed.as_deref_mut(), importance: importance.as_deref_mut() })?
+    };
+    match (mixed, importance) {
+        _ if written => Ok(()),
+        (Some(out), Some(importance)) => {
+            forward_and_importance_into(mixer, out, importance, inp, mask)
+        }
+        (Some(out), None) => forward_into(mixer, out, inp, mask),
+        (None, Some(importance)) => importance_into(mixer, importance, inp, mask),
+        (None, None) => Ok(()),
+    }
+}
+
+/// The outputs of a kernel that writes a whole call on a checked `inp` `(..., F, D)` (see
+/// [`kernel_output`]): the mixed features `(..., D)` (`(..., 1, D)` with `keep_dim`) where
+/// `mixed`, the importance `(..., F)` where `importance`, into the caller's `buffers` where
+/// given; neither may share bytes with `inp`, `mask` or each other. `None` where a buffer does
+/// not fit.
+pub(crate) fn kernel_outputs(
+    inp: &Tensor,
+    mask: Option<&Tensor>,
+    keep_dim: bool,
+    (mixed, importance): (bool, bool),
+    buffers: Buffers<'_>,
+) -> Result<Option<(Option<Tensor>, Option<Tensor>)>> {
+    let shape = inp.size();
+    let (leading, f, d) =
+        (&shape[..shape.len() - 2], shape[shape.len() - 2], shape[shape.len() - 1]);
+    let kind = inp.kind();
+    let mut reads = vec![inp];
+    reads.extend(mask);
+    let mixed = match mixed {
+        true => {
+            let mut mixed_shape = leading.to_vec();
+            mixed_shape.extend(if keep_dim { vec![1, d] } else { vec![d] });
+            match kernel_output(buffers.mixed, &mixed_shape, kind, &reads)? {
+                Some(mixed) => Some(mixed),
+                None => return Ok(None),
+            }
+        }
+        false => None,
+    };
+    reads.extend(&mixed);
+    let importance = match importance {
+        true => {
+            let importance_shape = [leading, &[f]].concat();
+            match kernel_output(buffers.importance, &importance_shape, kind, &reads)? {
+                Some(importance) => Some(importance),
+                None => return Ok(None),
+            }
+        }
+        false => None,
+    };
+    Ok(Some((mixed, importance)))
 }
 
 /// Where one output of a kernel that writes a whole call goes: the caller's `buffer` where it

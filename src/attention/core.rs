@@ -241,7 +241,6 @@ impl AttentionCore {
         let AttentionConfig { dropout, skip, keep_dim, n_heads, .. } = self.config;
         let shape = inp.size();
         let (f, d) = (shape[shape.len() - 2], shape[shape.len() - 1]);
-        let leading = &shape[..shape.len() - 2];
         let size = |s: i64| usize::try_from(s).unwrap_or(0);
         let work = A::small_work(size(f), size(d), size(n_heads));
         let n = inp.numel() / size(f * d).max(1);
@@ -258,33 +257,13 @@ impl AttentionCore {
         if !kernels::applies(&[inp, &self.attention.in_proj_weight]) {
             return Ok(None);
         }
-        let mut reads = vec![inp];
-        reads.extend(mask);
-        let mut mixed_shape = leading.to_vec();
-        mixed_shape.extend(if keep_dim { vec![1, d] } else { vec![d] });
-        let mut importance_shape = leading.to_vec();
-        importance_shape.push(f);
-        let kind = inp.kind();
-        let mixed = match want.output() {
-            true => match mixer::kernel_output(buffers.mixed, &mixed_shape, kind, &reads)? {
-                Some(mixed) => Some(mixed),
-                None => return Ok(None),
-            },
-            false => None,
-        };
-        reads.extend(&mixed);
-        let importance = match want.importance() {
-            true => {
-                let buffer = buffers.importance;
-                match mixer::kernel_output(buffer, &importance_shape, kind, &reads)? {
-                    Some(importance) => Some(importance),
-                    None => return Ok(None),
-                }
-            }
-            false => None,
+        let wanted = (want.output(), want.importance());
+        let Some((mut mixed, mut importance)) =
+            mixer::kernel_outputs(inp, mask, keep_dim, wanted, buffers)?
+        else {
+            return Ok(None);
         };
         let derived = self.attention.derived::<A>(true)?;
-        let (mut mixed, mut importance) = (mixed, importance);
         let outputs =
             kernels::CrossOutputs { mixed: mixed.as_mut(), importance: importance.as_mut() };
         let shape = (n as i64, f, d);
@@ -294,19 +273,16 @@ impl AttentionCore {
         Ok(Some((mixed, importance)))
     }
 
-    /// [`Self::mix`] in eval mode into the caller's `buffers`, where [`Self::small`] takes the
-    /// call; `false` where it does not (nothing is then written).
-    pub(crate) fn mix_into<A: Attend>(
+    /// [`Self::small`] for the `_into` calls (see [`mixer::into_buffers`]): `false` where it
+    /// does not take the call (nothing is then written).
+    pub(crate) fn write_direct<A: Attend>(
         &self,
         inp: &Tensor,
         mask: Option<&Tensor>,
-        want: Want,
         buffers: mixer::Buffers<'_>,
     ) -> Result<bool> {
-        let _call = kernels::Call::start(inp);
         self.check(inp, mask)?;
-        let _no_grad = tch::no_grad_guard();
-        Ok(self.small::<A>(inp, mask, false, want, buffers)?.is_some())
+        Ok(self.small::<A>(inp, mask, false, buffers.want(), buffers)?.is_some())
     }
 
     /// Runs one attention mixer: the mixed features `(..., mod_dim)` (or `(..., 1, mod_dim)`
@@ -475,12 +451,10 @@ macro_rules! impl_attention_mixer {
                 inp: &tch::Tensor,
                 mask: Option<&tch::Tensor>,
             ) -> $crate::Result<()> {
-                let want = $crate::attention::Want::Output;
-                let buffers = $crate::mixer::Buffers { mixed: Some(&mut *out), importance: None };
-                if !self.core.mix_into::<Self>(inp, mask, want, buffers)? {
-                    $crate::mixer::forward_into(self, out, inp, mask)?;
-                }
-                Ok(())
+                let direct = |buffers: $crate::mixer::Buffers<'_>| {
+                    self.core.write_direct::<Self>(inp, mask, buffers)
+                };
+                $crate::mixer::into_buffers(self, inp, mask, Some(out), None, direct)
             }
 
             fn f_importance_into(
@@ -489,13 +463,10 @@ macro_rules! impl_attention_mixer {
                 inp: &tch::Tensor,
                 mask: Option<&tch::Tensor>,
             ) -> $crate::Result<()> {
-                let want = $crate::attention::Want::Importance;
-                let buffers =
-                    $crate::mixer::Buffers { mixed: None, importance: Some(&mut *importance) };
-                if !self.core.mix_into::<Self>(inp, mask, want, buffers)? {
-                    $crate::mixer::importance_into(self, importance, inp, mask)?;
-                }
-                Ok(())
+                let direct = |buffers: $crate::mixer::Buffers<'_>| {
+                    self.core.write_direct::<Self>(inp, mask, buffers)
+                };
+                $crate::mixer::into_buffers(self, inp, mask, None, Some(importance), direct)
             }
 
             fn f_forward_and_importance_into(
@@ -505,15 +476,10 @@ macro_rules! impl_attention_mixer {
                 inp: &tch::Tensor,
                 mask: Option<&tch::Tensor>,
             ) -> $crate::Result<()> {
-                let want = $crate::attention::Want::Both;
-                let buffers = $crate::mixer::Buffers {
-                    mixed: Some(&mut *out),
-                    importance: Some(&mut *importance),
+                let direct = |buffers: $crate::mixer::Buffers<'_>| {
+                    self.core.write_direct::<Self>(inp, mask, buffers)
                 };
-                if !self.core.mix_into::<Self>(inp, mask, want, buffers)? {
-                    $crate::mixer::forward_and_importance_into(self, out, importance, inp, mask)?;
-                }
-                Ok(())
+                $crate::mixer::into_buffers(self, inp, mask, Some(out), Some(importance), direct)
             }
 
             fn reset_parameters(&mut self) -> $crate::Result<()> {
