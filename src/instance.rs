@@ -148,20 +148,19 @@ impl InstanceWeightsMixer {
         if f == 0 || dropped || !kernels::applies(&[inp, &self.weight]) {
             return Ok(None);
         }
-        // The kernel writes the importance in any case: a fresh tensor where none is wanted.
-        let wanted = (want.output(), true);
+        let wanted = (want.output(), want.importance());
         let outputs = mixer::kernel_outputs(inp, None, keep_dim, wanted, buffers)?;
-        let Some((mut mixed, Some(mut importance))) = outputs else {
+        let Some((mut mixed, mut importance)) = outputs else {
             return Ok(None);
         };
         let n = inp.numel() as i64 / (f * d).max(1);
         let (weight, bias) = (&self.weight, self.bias.as_ref());
-        let into = mixed.as_mut();
         let fold = skip && want.output();
-        if !kernels::instance(inp, (n, f, d), weight, bias, fold, into, &mut importance)? {
+        let (into, importance_into) = (mixed.as_mut(), importance.as_mut());
+        if !kernels::instance(inp, (n, f, d), weight, bias, fold, into, importance_into)? {
             return Ok(None);
         }
-        Ok(Some((mixed, want.importance().then_some(importance))))
+        Ok(Some((mixed, importance)))
     }
 
     /// [`Self::one_pass`] for the `_into` calls (see [`mixer::into_buffers`]): `false` where

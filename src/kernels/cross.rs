@@ -173,29 +173,19 @@ pub(crate) fn cross_small(
     let h = usize::try_from(heads).unwrap_or(0);
     let value = Sizes::of(shape.n, shape.d, shape.d / h.max(1), h);
     let out = Sizes::of(shape.n, shape.d, shape.d, 1);
-    let fits = h > 0
-        && shape.n > 0
-        && shape.f > 0
-        && shape.d.is_multiple_of(h)
-        && x.numel() == shape.n * shape.f * shape.d
-        && weights.keys.numel() == h * shape.d
-        && weights.value.numel() == value.packed_len()
-        && weights.out.numel() == out.packed_len()
-        && mask.is_none_or(|m| m.numel() == shape.n * shape.f)
-        && outputs.mixed.as_ref().is_none_or(|t| t.numel() == shape.n * shape.d)
-        && outputs.importance.as_ref().is_none_or(|t| t.numel() == shape.n * shape.f);
-    if !fits {
-        return Err(MixError::Shape {
-            what: "small cross-attention call",
-            expected: format!("input ({n}, {f}, {d}) with {heads} heads and outputs to fit"),
-            got: x.size(),
-        });
+    let misfit = || MixError::Shape {
+        what: "small cross-attention call",
+        expected: format!("input ({n}, {f}, {d}) with {heads} heads and outputs to fit"),
+        got: x.size(),
+    };
+    if h == 0 || shape.n == 0 || shape.f == 0 || !shape.d.is_multiple_of(h) {
+        return Err(misfit());
     }
     let CrossOutputs { mixed, importance } = outputs;
     let finite;
     dispatch!(x.kind(), |T| {
         let mut views = Views::default();
-        let x = views.read::<T>(x)?;
+        let x_data = views.read::<T>(x)?;
         let u = views.read::<T>(weights.keys)?;
         let (w_v, w_o) = (views.read::<T>(weights.value)?, views.read::<T>(weights.out)?);
         // A bool mask becomes additive here, as `MultiheadAttention::additive_mask` makes it.
@@ -216,6 +206,18 @@ pub(crate) fn cross_small(
         };
         let mixed = mixed.map(|t| views.write::<T>(t)).transpose()?;
         let importance = importance.map(|t| views.write::<T>(t)).transpose()?;
+        // The lengths the views found, checked once (the slices' indexing relies on them).
+        let fits = x_data.len() == shape.n * shape.f * shape.d
+            && u.len() == h * shape.d
+            && w_v.len() == value.packed_len()
+            && w_o.len() == out.packed_len()
+            && m.is_none_or(|m| m.len() == shape.n * shape.f)
+            && mixed.as_ref().is_none_or(|t| t.len() == shape.n * shape.d)
+            && importance.as_ref().is_none_or(|t| t.len() == shape.n * shape.f);
+        if !fits {
+            return Err(misfit());
+        }
+        let x = x_data;
         let cross = Cross { shape, heads: h, x, u, m, finite: AtomicBool::new(true) };
         let job = CrossSmall { cross, value, out, w_v, w_o, skip };
         let part = (mixed.unwrap_or_default(), importance.unwrap_or_default());

@@ -17,9 +17,9 @@ const TILE: usize = 1024;
 /// InstanceWeightsMixer in one pass: `importance[n] = softmax(W x[n].flatten() + b)` and
 /// `mixed[n] = sum_f (importance[n, f] + fold) x[n, f]`, where `fold` is `1/F` (skip folded in)
 /// or 0. `x`: `(N, F, D)` as `shape` (any strides), `weight`: `(F, F D)`, `bias`: `(F,)`; writes
-/// `importance` (`N F` elements) and, where given, `mixed` (`N D`): contiguous CPU tensors of
-/// `x`'s kind that share no bytes with the inputs. `false` (nothing written) where [`applies`]
-/// is false.
+/// `mixed` (`N D` elements) and `importance` (`N F`), each where given: contiguous CPU tensors
+/// of `x`'s kind that share no bytes with the inputs. `false` (nothing written) where
+/// [`applies`] is false.
 pub(crate) fn instance(
     x: &Tensor,
     shape: (i64, i64, i64),
@@ -27,7 +27,7 @@ pub(crate) fn instance(
     bias: Option<&Tensor>,
     fold: bool,
     mixed: Option<&mut Tensor>,
-    importance: &mut Tensor,
+    importance: Option<&mut Tensor>,
 ) -> Result<bool> {
     let mut tensors = vec![x, weight];
     tensors.extend(bias);
@@ -37,18 +37,11 @@ pub(crate) fn instance(
     let (n, f, d) = shape;
     let shape = Shape::of(n, f, d);
     let size = shape.f * shape.d;
-    let fits = x.numel() == shape.n * size
-        && weight.numel() == shape.f * size
-        && bias.is_none_or(|b| b.numel() == shape.f)
-        && mixed.as_ref().is_none_or(|m| m.numel() == shape.n * shape.d)
-        && importance.numel() == shape.n * shape.f;
-    if !fits {
-        return Err(MixError::Shape {
-            what: "instance weights call",
-            expected: format!("input ({n}, {f}, {d}), weight ({f}, {})", f * d),
-            got: x.size(),
-        });
-    }
+    let misfit = || MixError::Shape {
+        what: "instance weights call",
+        expected: format!("input ({n}, {f}, {d}), weight ({f}, {})", f * d),
+        got: x.size(),
+    };
     // Views need contiguous, resolved tensors: copies only where these are not.
     let resolve = |t: &Tensor| -> Result<Option<Tensor>> {
         match t.is_contiguous() && !t.is_neg() {
@@ -61,7 +54,7 @@ pub(crate) fn instance(
     let x = x_copy.as_ref().unwrap_or(x);
     let weight = weight_copy.as_ref().unwrap_or(weight);
     let bias = bias_copy.as_ref().or(bias);
-    let output = mixed.is_some();
+    let planes = (usize::from(mixed.is_some()), usize::from(importance.is_some()));
     dispatch!(x.kind(), |T| {
         let mut views = Views::default();
         let (x, w) = (views.read::<T>(x)?, views.read::<T>(weight)?);
@@ -70,13 +63,28 @@ pub(crate) fn instance(
             Some(mixed) => views.write::<T>(mixed)?,
             None => &mut [],
         };
-        let importance = views.write::<T>(importance)?;
+        let importance = match importance {
+            Some(importance) => views.write::<T>(importance)?,
+            None => &mut [],
+        };
+        // The lengths the views found, checked once (the slices' indexing relies on them).
+        let fits = x.len() == shape.n * size
+            && w.len() == shape.f * size
+            && b.is_none_or(|b| b.len() == shape.f)
+            && (planes.0 == 0 || mixed.len() == shape.n * shape.d)
+            && (planes.1 == 0 || importance.len() == shape.n * shape.f);
+        if !fits {
+            return Err(misfit());
+        }
         let job = Instance { shape, x, w, b, fold };
         let per = team::part_size(shape.n, shape.f * shape.f * shape.d);
-        let mixed = split_planes(mixed, usize::from(output), shape.n, shape.d, per);
-        let importance = split_planes(importance, 1, shape.n, shape.f, per);
-        let parts = mixed.into_iter().zip(importance).map(|(m, mut i)| (m, i.remove(0)));
-        team::run(&job, team::ranges(shape.n, per).zip(parts).collect());
+        let mixed = split_planes(mixed, planes.0, shape.n, shape.d, per);
+        let importance = split_planes(importance, planes.1, shape.n, shape.f, per);
+        let importance = importance.into_iter().map(|mut planes| planes.pop().unwrap_or_default());
+        team::run(
+            &job,
+            team::ranges(shape.n, per).zip(mixed.into_iter().zip(importance)).collect(),
+        );
     });
     Ok(true)
 }
@@ -92,7 +100,7 @@ struct Instance<'a, T> {
 
 impl<'a, T: Element> Kernel for Instance<'a, T> {
     /// The mixed vectors (one plane, none where not asked for) and the importance of the
-    /// part's instances.
+    /// part's instances (empty where not asked for).
     type Part = (Vec<&'a mut [T]>, &'a mut [T]);
 
     #[inline(always)]
@@ -145,6 +153,20 @@ impl<'a, T: Element> Kernel for Instance<'a, T> {
                     }
                     g += 2;
                 }
+                // Fewer than four instances: four rows of the projection with each, the
+                // instance's tile read once for the four.
+                while count < 4 && g + 4 <= f {
+                    let w =
+                        std::array::from_fn(|i| &self.w[(g + i) * size + t..(g + i) * size + end]);
+                    for (j, x) in x.chunks_exact(size).enumerate() {
+                        let partials = dot4::<T, FMA>(&x[t..end], w);
+                        scores[j * f + g..j * f + g + 4]
+                            .iter_mut()
+                            .zip(partials)
+                            .for_each(|(s, p)| *s += p);
+                    }
+                    g += 4;
+                }
                 for (g, w) in self.w.chunks_exact(size).enumerate().skip(g) {
                     let w = &w[t..end];
                     if count == 4 {
@@ -163,7 +185,9 @@ impl<'a, T: Element> Kernel for Instance<'a, T> {
             for (k, (weights, x)) in instances.enumerate() {
                 let j = start - range.start + k;
                 softmax(weights, false);
-                importance[j * f..(j + 1) * f].copy_from_slice(weights);
+                if !importance.is_empty() {
+                    importance[j * f..(j + 1) * f].copy_from_slice(weights);
+                }
                 if !mixed.is_empty() {
                     weights.iter_mut().for_each(|w| *w += fold);
                     weighted_rows::<T, FMA>(&mut mixed, j, weights, x, d);

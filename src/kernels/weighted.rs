@@ -99,32 +99,35 @@ pub(crate) fn global(
 ) -> Result<()> {
     let (n, f, d) = shape;
     let shape = Shape::of(n, f, d);
-    let fits = shape.f > 0
-        && x.numel() == shape.n * shape.f * shape.d
-        && weights.numel() == shape.f
-        && mixed.as_ref().is_none_or(|t| t.numel() == shape.n * shape.d)
-        && importance.as_ref().is_none_or(|t| t.numel() % shape.f == 0);
-    if !fits {
-        return Err(MixError::Shape {
-            what: "global weights call",
-            expected: format!("input ({n}, {f}, {d}) and {f} weights"),
-            got: x.size(),
-        });
-    }
     dispatch!(x.kind(), |T| {
         let mut views = Views::default();
-        let (x, weights) = (views.read::<T>(x)?, views.read::<T>(weights)?);
+        let (x_data, weights) = (views.read::<T>(x)?, views.read::<T>(weights)?);
+        let importance = importance.map(|t| views.write::<T>(t)).transpose()?;
+        let mixed = mixed.map(|t| views.write::<T>(t)).transpose()?;
+        // The lengths the views found, checked once, before anything is written.
+        let fits = shape.f > 0
+            && x_data.len() == shape.n * shape.f * shape.d
+            && weights.len() == shape.f
+            && mixed.as_ref().is_none_or(|m| m.len() == shape.n * shape.d)
+            && importance.as_ref().is_none_or(|i| i.len() % shape.f == 0);
+        if !fits {
+            return Err(MixError::Shape {
+                what: "global weights call",
+                expected: format!("input ({n}, {f}, {d}) and {f} weights"),
+                got: x.size(),
+            });
+        }
+        let x = x_data;
         let mut softmax = weights.to_vec();
         if normalise {
             math::softmax(&mut softmax, false);
         }
         if let Some(importance) = importance {
-            for row in views.write::<T>(importance)?.chunks_exact_mut(shape.f) {
+            for row in importance.chunks_exact_mut(shape.f) {
                 row.copy_from_slice(&softmax);
             }
         }
         if let Some(mixed) = mixed {
-            let mixed = views.write::<T>(mixed)?;
             let (w, shift) = (&softmax[..], T::from_f64(shift));
             let job = WeightedSums { shape, rows: 1, x, w, shift, shared: true, mean: false };
             let per = team::part_size(shape.n, shape.f * shape.d);
