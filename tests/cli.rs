@@ -84,6 +84,12 @@ fn bench_ends_with_a_machine_readable_line() {
     let last = stdout.lines().last().unwrap();
     assert!(last.starts_with("mixer=self batch=4 dtype=float32 device=cpu forward_ms="), "{last}");
     assert!(last.contains(" importance_ms=") && last.contains(" both_ms="), "{last}");
+    assert!(!last.contains("_into_ms="), "{last}");
+    let into = [&args[..], &["--batch", "4", "--reps", "3", "--into"]].concat();
+    let (code, stdout, stderr) = tch_mix(&into);
+    assert_eq!(code, 0, "{stderr}");
+    let last = stdout.lines().last().unwrap();
+    assert!(last.contains(" forward_into_ms=") && last.contains(" both_into_ms="), "{last}");
     let (code, _, stderr) = tch_mix(&[
         "bench",
         "--mixer",

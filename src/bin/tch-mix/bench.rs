@@ -31,6 +31,8 @@ struct Options {
     weights: Option<PathBuf>,
     input: Option<PathBuf>,
     expect: Option<PathBuf>,
+    /// Also time the calls into buffers held across calls.
+    into: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options> {
@@ -47,9 +49,14 @@ fn parse(args: &[String]) -> Result<Options> {
         weights: None,
         input: None,
         expect: None,
+        into: false,
     };
     let mut args = args.iter();
     while let Some(flag) = args.next() {
+        if flag == "--into" {
+            options.into = true;
+            continue;
+        }
         let value = args.next().with_context(|| format!("{flag} needs a value"))?;
         let number =
             || value.parse::<i64>().with_context(|| format!("{flag}: not a number: {value}"));
@@ -225,6 +232,17 @@ pub fn run(args: &[String]) -> Result<()> {
     let both = median_ms(reps, options.device, || {
         mixer.f_forward_and_importance_t(&inp, None, false).map(drop)
     })?;
+    // Into buffers allocated once, as a service's hot loop would hold them.
+    let mut into = String::new();
+    if options.into {
+        let (mut out, mut imp) = mixer.f_forward_and_importance_t(&inp, None, false)?;
+        let forward =
+            median_ms(reps, options.device, || mixer.f_forward_into(&mut out, &inp, None))?;
+        let both = median_ms(reps, options.device, || {
+            mixer.f_forward_and_importance_into(&mut out, &mut imp, &inp, None)
+        })?;
+        into = format!(" forward_into_ms={forward:.4} both_into_ms={both:.4}");
+    }
     let input_mib = inp.numel() as f64 * kind.elt_size_in_bytes() as f64 / (1 << 20) as f64;
     let extra = match options.device {
         Device::Cpu => peak_extra_mib(|| mixer.f_forward_t(&inp, None, false).map(drop))?,
@@ -250,7 +268,7 @@ pub fn run(args: &[String]) -> Result<()> {
         other => format!("{other:?}"),
     };
     println!(
-        "mixer={} batch={} dtype={} device={device} forward_ms={forward:.4} importance_ms={importance:.4} both_ms={both:.4}{memory}{errors}",
+        "mixer={} batch={} dtype={} device={device} forward_ms={forward:.4} importance_ms={importance:.4} both_ms={both:.4}{into}{memory}{errors}",
         options.mixer, options.batch, options.dtype
     );
     Ok(())

@@ -5,7 +5,7 @@
 //! tch-mix check [--device cpu|cuda[:N]] [--out DIR] FIXTURE_OR_DIR...
 //! tch-mix convert IN OUT [--key K] [--prefix P] [--dtype T]
 //! tch-mix bench --mixer M --mod-dim D --n-features F [--n-heads H] --batch B --dtype T
-//!               [--device cpu|cuda[:N]] [--reps R] [--threads N]
+//!               [--device cpu|cuda[:N]] [--reps R] [--threads N] [--into]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -35,9 +35,11 @@ const USAGE: &str = "usage:
       floating-point tensors. OUT is written atomically: on any error there is no OUT.
   tch-mix bench --mixer global|instance|cross|self --mod-dim D --n-features F [--n-heads H]
                 --batch B --dtype float32|float64|bfloat16|float16 [--device cpu|cuda[:N]]
-                [--reps R] [--threads N] [--weights W --input X --expect E]
+                [--reps R] [--threads N] [--weights W --input X --expect E] [--into]
       Times forward, importance and both in one call (eval, no grad) on a (B, F, D) input:
-      the median of R calls after warm-up. The last line is machine-readable. With --weights,
+      the median of R calls after warm-up; with --into also forward and both into buffers
+      held across calls (f_forward_into, f_forward_and_importance_into). The last line is
+      machine-readable. With --weights,
       --input and --expect (files that scripts/export_peers.py writes), it runs swak's weights
       on swak's batch and checks forward and importance against swak's before timing.";
 
