@@ -145,7 +145,7 @@ impl GlobalWeightsMixer {
         let GlobalWeightsConfig { dropout, skip, keep_dim } = self.config;
         let (f, d) = (self.n_features, self.mod_dim);
         let usable = f > 0
-            && inp.numel() > 0
+            && kernels::numel(inp) > 0
             && !(train && dropout > 0.0)
             && inp.is_contiguous()
             && !inp.is_neg()
@@ -156,7 +156,7 @@ impl GlobalWeightsMixer {
         // One instance takes the softmax from the kernel; a larger batch from libtorch (one op
         // among many), which the importance of the allocating calls expands (a view). Either way
         // every call on the same batch size gives the same bits.
-        let n = inp.numel() as i64 / (f * d);
+        let n = kernels::numel(inp) as i64 / (f * d);
         let softmax = match n {
             1 => None,
             _ => Some(self.coeffs.f_softmax(-1, None::<Kind>)?),

@@ -153,7 +153,7 @@ impl InstanceWeightsMixer {
         let Some((mut mixed, mut importance)) = outputs else {
             return Ok(None);
         };
-        let n = inp.numel() as i64 / (f * d).max(1);
+        let n = kernels::numel(inp) as i64 / (f * d).max(1);
         let (weight, bias) = (&self.weight, self.bias.as_ref());
         let fold = skip && want.output();
         let (into, importance_into) = (mixed.as_mut(), importance.as_mut());

@@ -258,14 +258,14 @@ pub(crate) fn check_input(
     kind: Kind,
     device: Device,
 ) -> Result<()> {
-    let shape = inp.size();
+    let shape = kernels::Dims::of(inp);
     let fits = shape.len() >= 2
         && shape[shape.len() - 1] == mod_dim
         && n_features.is_none_or(|n| shape[shape.len() - 2] == n);
     if !fits {
         let features = n_features.map_or("n_features".to_string(), |n| n.to_string());
         let expected = format!("(..., {features}, {mod_dim})");
-        return Err(MixError::Shape { what: "input", expected, got: shape });
+        return Err(MixError::Shape { what: "input", expected, got: shape.to_vec() });
     }
     if inp.kind() != kind {
         return Err(MixError::Kind {
@@ -284,9 +284,9 @@ pub(crate) fn check_input(
 /// the input without its last dimension.
 fn check_mask(mask: Option<&Tensor>, inp: &Tensor) -> Result<()> {
     let Some(mask) = mask else { return Ok(()) };
-    let shape = inp.size();
+    let shape = kernels::Dims::of(inp);
     let expected = &shape[..shape.len() - 1];
-    if mask.size() != expected {
+    if *kernels::Dims::of(mask) != *expected {
         let dims: Vec<String> = expected.iter().map(i64::to_string).collect();
         let expected = format!("({}) (the input's shape without its last dim)", dims.join(", "));
         return Err(MixError::Shape { what: "mask", expected, got: mask.size() });
@@ -413,16 +413,21 @@ pub(crate) fn kernel_outputs(
     (mixed, importance): (bool, bool),
     buffers: Buffers<'_>,
 ) -> Result<Option<(Option<Tensor>, Option<Tensor>)>> {
-    let shape = inp.size();
+    let shape = kernels::Dims::of(inp);
     let (leading, f, d) =
         (&shape[..shape.len() - 2], shape[shape.len() - 2], shape[shape.len() - 1]);
     let kind = inp.kind();
-    let mut reads = vec![inp];
+    let mut reads = Vec::with_capacity(3);
+    reads.push(inp);
     reads.extend(mask);
     let mixed = match mixed {
         true => {
-            let mut mixed_shape = leading.to_vec();
-            mixed_shape.extend(if keep_dim { vec![1, d] } else { vec![d] });
+            let mut mixed_shape = Vec::with_capacity(leading.len() + 2);
+            mixed_shape.extend_from_slice(leading);
+            match keep_dim {
+                true => mixed_shape.extend_from_slice(&[1, d]),
+                false => mixed_shape.push(d),
+            }
             match kernel_output(buffers.mixed, &mixed_shape, kind, &reads)? {
                 Some(mixed) => Some(mixed),
                 None => return Ok(None),
@@ -459,7 +464,7 @@ pub(crate) fn kernel_output(
         return Ok(Some(Tensor::f_empty(shape, (kind, Device::Cpu))?));
     };
     let fits = buffer.defined()
-        && buffer.size() == shape
+        && *kernels::Dims::of(buffer) == *shape
         && buffer.kind() == kind
         && buffer.device() == Device::Cpu
         && buffer.is_contiguous()

@@ -239,11 +239,11 @@ impl AttentionCore {
         buffers: mixer::Buffers<'_>,
     ) -> Result<Option<(Option<Tensor>, Option<Tensor>)>> {
         let AttentionConfig { dropout, skip, keep_dim, n_heads, .. } = self.config;
-        let shape = inp.size();
+        let shape = kernels::Dims::of(inp);
         let (f, d) = (shape[shape.len() - 2], shape[shape.len() - 1]);
         let size = |s: i64| usize::try_from(s).unwrap_or(0);
         let work = A::small_work(size(f), size(d), size(n_heads));
-        let n = inp.numel() / size(f * d).max(1);
+        let n = shape.numel() / size(f * d).max(1);
         let Some(work) = work.filter(|_| f > 0 && n > 0 && (!train || dropout == 0.0)) else {
             return Ok(None);
         };

@@ -13,7 +13,7 @@
 //! derived from the weights are cached between calls until a weight changes. Half precision
 //! pools in f32.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tch::{Kind, Tensor};
 
@@ -71,7 +71,7 @@ pub(crate) type KeyWeights = (Tensor, Option<Tensor>);
 /// current: each weight's storage, version counter and dtype, which change with every write.
 #[derive(Debug)]
 pub(crate) struct Derived {
-    key: Vec<(usize, i64, Kind)>,
+    key: DerivedKey,
     /// What the mixer's scores need ([`Attend::derive`]): cross-attention's key vectors.
     pub(crate) scoring: Option<Tensor>,
     /// The value projection per head: `(H, hd, D)`.
@@ -82,17 +82,21 @@ pub(crate) struct Derived {
     pub(crate) packed: Option<Packed>,
 }
 
-impl Derived {
-    fn shallow_clone(&self) -> Self {
-        Self {
-            key: self.key.clone(),
-            scoring: self.scoring.as_ref().map(Tensor::shallow_clone),
-            value_weights: self.value_weights.shallow_clone(),
-            value_bias: self.value_bias.as_ref().map(Tensor::shallow_clone),
-            packed: self.packed.as_ref().map(Packed::shallow_clone),
-        }
-    }
-}
+// SAFETY: `Tensor` is not `Sync` because libtorch's tensors can be written through any handle.
+// A cached `Derived` is shared (behind an `Arc`, by the cache and the calls that use it) only
+// once it is built, and from then on nothing writes its tensors: `derived` builds it from fresh
+// tensors (contiguous copies of the weights' parts, packed copies), and its users get
+// `&Derived` only and read them (as inputs of libtorch ops, or as shared slices in the CPU
+// kernels); reading one libtorch tensor from several threads is safe (sizes, strides, dtype and
+// data pointer are fixed, reference counts atomic). A change of the weights makes a new
+// `Derived` (the key changes) rather than writing the old one. While autograd records, a
+// `Derived` holds views of the weights instead, is never cached, and only its own call uses it.
+#[allow(unsafe_code)]
+unsafe impl Sync for Derived {}
+
+/// Storage, version counter and dtype of the input projection's weight and bias and the output
+/// projection's weight and bias, in that order (`None` for a missing bias).
+type DerivedKey = [Option<(usize, i64, Kind)>; 4];
 
 /// The projections packed for `kernels::linear`, which small inference batches (below
 /// [`LARGE_BATCH`]) take instead of MKL, whose per-call packing of the weights costs there as
@@ -132,18 +136,10 @@ impl Packed {
             out: kernels::pack(&w_o, attention.out_proj_bias.as_ref())?,
         })
     }
-
-    fn shallow_clone(&self) -> Self {
-        Self {
-            queries_keys: self.queries_keys.as_ref().map(Tensor::shallow_clone),
-            value: self.value.shallow_clone(),
-            out: self.out.shallow_clone(),
-        }
-    }
 }
 
-/// The derived tensors of the last inference call.
-pub(crate) type DerivedCache = Mutex<Option<Derived>>;
+/// The derived tensors of the last inference call, shared with the calls that use them.
+pub(crate) type DerivedCache = Mutex<Option<Arc<Derived>>>;
 
 impl MultiheadAttention {
     /// Attention pooling as the mixers need it (see the module docs).
@@ -409,25 +405,26 @@ impl MultiheadAttention {
     /// The tensors derived from the projections: cached between calls without autograd (until
     /// a weight changes), computed afresh while autograd records. With `pack`, they include the
     /// packed projections.
-    pub(crate) fn derived<A: Attend>(&self, pack: bool) -> Result<Derived> {
+    pub(crate) fn derived<A: Attend>(&self, pack: bool) -> Result<Arc<Derived>> {
         let weights = [
             Some(&self.in_proj_weight),
             self.in_proj_bias.as_ref(),
             Some(&self.out_proj_weight),
             self.out_proj_bias.as_ref(),
         ];
-        let key: Vec<(usize, i64, Kind)> = weights
-            .into_iter()
-            .flatten()
-            .map(|t| Ok((t.data_ptr() as usize, t.f_internal_version()?, t.kind())))
-            .collect::<Result<_>>()?;
+        let mut key: DerivedKey = [None; 4];
+        for (slot, t) in key.iter_mut().zip(weights) {
+            if let Some(t) = t {
+                *slot = Some((t.data_ptr() as usize, t.f_internal_version()?, t.kind()));
+            }
+        }
         let recording = mode::grad_mode();
         let mut cache = self.derived.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if !recording {
-            let current = |derived: &&Derived| derived.key == key;
+            let current = |derived: &&Arc<Derived>| derived.key == key;
             let cached = cache.as_ref().filter(current);
             if let Some(derived) = cached.filter(|derived| derived.packed.is_some() || !pack) {
-                return Ok(derived.shallow_clone());
+                return Ok(Arc::clone(derived));
             }
         }
         let d = self.embed_dim;
@@ -439,16 +436,16 @@ impl MultiheadAttention {
             None => None,
         };
         if recording {
-            return Ok(Derived { key, scoring, value_weights, value_bias, packed: None });
+            return Ok(Arc::new(Derived { key, scoring, value_weights, value_bias, packed: None }));
         }
-        let derived = Derived {
+        let derived = Arc::new(Derived {
             key,
             scoring: scoring.map(|t| t.f_contiguous()).transpose()?,
             value_weights: value_weights.f_contiguous()?,
             value_bias: value_bias.map(|b| b.f_contiguous()).transpose()?,
             packed: pack.then(|| Packed::new::<A>(self)).transpose()?,
-        };
-        *cache = Some(derived.shallow_clone());
+        });
+        *cache = Some(Arc::clone(&derived));
         Ok(derived)
     }
 }

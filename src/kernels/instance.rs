@@ -29,9 +29,7 @@ pub(crate) fn instance(
     mixed: Option<&mut Tensor>,
     importance: Option<&mut Tensor>,
 ) -> Result<bool> {
-    let mut tensors = vec![x, weight];
-    tensors.extend(bias);
-    if !applies(&tensors) {
+    if !applies(&[x, weight]) || bias.is_some_and(|b| !applies(&[x, b])) {
         return Ok(false);
     }
     let (n, f, d) = shape;

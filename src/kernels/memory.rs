@@ -1,5 +1,5 @@
-//! Raw memory: the elements of libtorch tensors as Rust slices, their division among the parts
-//! of a batch, and cache prefetches.
+//! Raw memory: the elements of libtorch tensors as Rust slices, their sizes read without
+//! allocating ([`Dims`]), their division among the parts of a batch, and cache prefetches.
 //!
 //! One of the two places with `unsafe` code (the other is [`super::team`]). Every tensor goes
 //! through [`Views`], which checks what the slices rely on: a contiguous CPU tensor of the
@@ -15,10 +15,16 @@ use crate::error::{MixError, Result};
 
 /// The slices of one kernel call: what each hands out is recorded, so that a written slice
 /// never overlaps another slice of the call.
-#[derive(Default)]
 pub(crate) struct Views {
     /// `(bytes, written)` of every slice handed out so far.
     taken: Vec<(Range<usize>, bool)>,
+}
+
+impl Default for Views {
+    fn default() -> Self {
+        // Room for the tensors of a kernel call (fewer than 8 each), allocated once.
+        Self { taken: Vec::with_capacity(8) }
+    }
 }
 
 impl Views {
@@ -82,7 +88,7 @@ impl Views {
                 got: t.kind(),
             });
         }
-        let len = t.numel();
+        let len = numel(t);
         if len == 0 {
             return Ok((0, 0));
         }
@@ -99,11 +105,65 @@ impl Views {
     }
 }
 
+/// The most dimensions [`Dims`] holds without allocating.
+const INLINE_DIMS: usize = 8;
+
+/// A defined tensor's sizes, read from libtorch into an array on the stack where it has up to
+/// [`INLINE_DIMS`] dimensions (`Tensor::size` allocates a `Vec` for them, which is most of what
+/// a small call's checks cost); as a slice through `Deref`.
+pub(crate) enum Dims {
+    Inline([i64; INLINE_DIMS], usize),
+    Heap(Vec<i64>),
+}
+
+impl Dims {
+    /// The sizes of `t`, which must be defined (as `Tensor::size` requires).
+    pub(crate) fn of(t: &Tensor) -> Self {
+        let c_tensor = t.as_ptr() as *mut torch_sys::C_tensor;
+        // SAFETY: `c_tensor` is `t`'s live handle; `at_dim` only reads its number of dimensions.
+        let dim = unsafe { torch_sys::at_dim(c_tensor) };
+        if dim > INLINE_DIMS {
+            return Self::Heap(t.size());
+        }
+        let mut sizes = [0; INLINE_DIMS];
+        // SAFETY: `at_shape` writes one value per dimension, `dim` of them, and `sizes` has
+        // room for `INLINE_DIMS >= dim`.
+        unsafe { torch_sys::at_shape(c_tensor, sizes.as_mut_ptr()) };
+        Self::Inline(sizes, dim)
+    }
+
+    /// The number of elements of a tensor of these sizes (libtorch's sizes are never negative;
+    /// a product too large for `usize`, which no tensor's storage can hold, saturates).
+    pub(crate) fn numel(&self) -> usize {
+        let sizes = self.iter().map(|&s| usize::try_from(s).unwrap_or(0));
+        match self.contains(&0) {
+            true => 0,
+            false => sizes.fold(1, usize::saturating_mul),
+        }
+    }
+}
+
+impl std::ops::Deref for Dims {
+    type Target = [i64];
+
+    fn deref(&self) -> &[i64] {
+        match self {
+            Self::Inline(sizes, dim) => &sizes[..*dim],
+            Self::Heap(sizes) => sizes,
+        }
+    }
+}
+
+/// The number of elements of a defined tensor, without allocating (see [`Dims`]).
+pub(crate) fn numel(t: &Tensor) -> usize {
+    Dims::of(t).numel()
+}
+
 /// Whether two contiguous tensors share bytes (an empty one shares none).
 pub(crate) fn overlap(a: &Tensor, b: &Tensor) -> bool {
     let extent = |t: &Tensor| {
         let start = t.data_ptr() as usize;
-        start..start + t.numel() * t.kind().elt_size_in_bytes()
+        start..start + numel(t) * t.kind().elt_size_in_bytes()
     };
     let (a, b) = (extent(a), extent(b));
     !a.is_empty() && !b.is_empty() && a.start < b.end && b.start < a.end
@@ -174,6 +234,22 @@ mod tests {
         assert_eq!(Vec::<f64>::try_from(&out).unwrap(), [7.0, 8.0, 9.0]);
         let empty = Tensor::zeros([0, 4], (Kind::Float, Device::Cpu));
         assert!(Views::default().read::<f32>(&empty).unwrap().is_empty());
+    }
+
+    #[test]
+    fn dims_are_the_sizes_libtorch_reports() {
+        let shapes: [&[i64]; 6] =
+            [&[], &[0], &[3, 0, 5], &[2, 3, 4], &[1; 8], &[2, 1, 1, 1, 1, 1, 1, 1, 1, 3]];
+        for shape in shapes {
+            let t = Tensor::zeros(shape, (Kind::Float, Device::Cpu));
+            let dims = Dims::of(&t);
+            assert_eq!(*dims, t.size()[..], "{shape:?}");
+            assert_eq!(dims.numel(), t.numel(), "{shape:?}");
+            assert_eq!(numel(&t), t.numel(), "{shape:?}");
+            assert_eq!(matches!(dims, Dims::Inline(..)), shape.len() <= INLINE_DIMS);
+        }
+        let view = Tensor::zeros([4, 6], (Kind::Float, Device::Cpu)).narrow(1, 1, 3).tr();
+        assert_eq!(*Dims::of(&view), [3, 4], "a view's own sizes");
     }
 
     #[test]

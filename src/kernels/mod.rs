@@ -27,7 +27,7 @@ mod weighted;
 pub(crate) use cross::{cross, cross_small, CrossOutputs, CrossWeights};
 pub(crate) use gemm::{linear, pack};
 pub(crate) use instance::instance;
-pub(crate) use memory::overlap;
+pub(crate) use memory::{numel, overlap, Dims};
 pub(crate) use self_attention::self_weights;
 pub(crate) use team::Call;
 pub(crate) use weighted::{global, weighted_sums};
