@@ -61,7 +61,7 @@ def main():
     fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
     fig.suptitle(f"swak mixers, mod_dim {run.get('mod_dim')}, {run.get('n_features')} features, "
                  f"{run.get('n_heads')} heads, {run.get('dtype')}, {run.get('device')}, {run.get('threads')} threads "
-                 f"(tch-mix {run.get('commit', '?')})", fontsize=10)
+                 f"({run.get('date', '?')[:10]})", fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 0.97))
     png.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()

@@ -39,9 +39,9 @@ const USAGE: &str = "usage:
       Times forward, importance and both in one call (eval, no grad) on a (B, F, D) input:
       the median of R calls after warm-up; with --into also forward and both into buffers
       held across calls (f_forward_into, f_forward_and_importance_into). The last line is
-      machine-readable. With --weights,
-      --input and --expect (files that scripts/export_peers.py writes), it runs swak's weights
-      on swak's batch and checks forward and importance against swak's before timing.";
+      machine-readable. With --weights, --input and --expect (files that
+      scripts/export_peers.py writes), it runs swak's weights on swak's batch and checks
+      forward and importance against swak's before timing.";
 
 #[allow(unsafe_code)] // the signal disposition, set once at start-up
 fn main() -> ExitCode {
