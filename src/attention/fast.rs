@@ -83,14 +83,15 @@ pub(crate) struct Derived {
 }
 
 // SAFETY: `Tensor` is not `Sync` because libtorch's tensors can be written through any handle.
-// A cached `Derived` is shared (behind an `Arc`, by the cache and the calls that use it) only
-// once it is built, and from then on nothing writes its tensors: `derived` builds it from fresh
-// tensors (contiguous copies of the weights' parts, packed copies), and its users get
-// `&Derived` only and read them (as inputs of libtorch ops, or as shared slices in the CPU
-// kernels); reading one libtorch tensor from several threads is safe (sizes, strides, dtype and
-// data pointer are fixed, reference counts atomic). A change of the weights makes a new
-// `Derived` (the key changes) rather than writing the old one. While autograd records, a
-// `Derived` holds views of the weights instead, is never cached, and only its own call uses it.
+// A `Derived` is shared (behind an `Arc`, by the cache and the calls that use it) only once it
+// is built, and nothing writes through its tensors: its users get `&Derived` only and read
+// them (as inputs of libtorch ops, or as shared slices in the CPU kernels), and reading one
+// libtorch tensor from several threads is safe (sizes, strides, dtype and data pointer are
+// fixed, reference counts atomic). Some of its tensors are views of the weights (the value
+// projection's rows): the weights are written only by their owner, and never while another
+// thread runs the mixer, since a mixer is not `Sync` and the one way to share it, a
+// `SharedMixer`, never writes its weights. A write makes a new `Derived` (the key changes)
+// rather than changing the old one.
 #[allow(unsafe_code)]
 unsafe impl Sync for Derived {}
 
