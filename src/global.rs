@@ -144,8 +144,9 @@ impl GlobalWeightsMixer {
     ) -> Result<Option<(Option<Tensor>, Option<Tensor>)>> {
         let GlobalWeightsConfig { dropout, skip, keep_dim } = self.config;
         let (f, d) = (self.n_features, self.mod_dim);
+        let elements = kernels::numel(inp);
         let usable = f > 0
-            && kernels::numel(inp) > 0
+            && elements > 0
             && !(train && dropout > 0.0)
             && inp.is_contiguous()
             && !inp.is_neg()
@@ -156,7 +157,7 @@ impl GlobalWeightsMixer {
         // One instance takes the softmax from the kernel; a larger batch from libtorch (one op
         // among many), which the importance of the allocating calls expands (a view). Either way
         // every call on the same batch size gives the same bits.
-        let n = kernels::numel(inp) as i64 / (f * d);
+        let n = elements as i64 / (f * d);
         let softmax = match n {
             1 => None,
             _ => Some(self.coeffs.f_softmax(-1, None::<Kind>)?),

@@ -277,14 +277,13 @@ pub(crate) fn check_input(
     if inp.device() != device {
         return Err(MixError::Device { what: "input", expected: device, got: inp.device() });
     }
-    check_mask(mask, inp)
+    check_mask(mask, &shape, device)
 }
 
 /// Checks that a padding mask is bool or floating point, on the input's device, and shaped like
-/// the input without its last dimension.
-fn check_mask(mask: Option<&Tensor>, inp: &Tensor) -> Result<()> {
+/// the input (of sizes `shape`, on `device`) without its last dimension.
+fn check_mask(mask: Option<&Tensor>, shape: &[i64], device: Device) -> Result<()> {
     let Some(mask) = mask else { return Ok(()) };
-    let shape = kernels::Dims::of(inp);
     let expected = &shape[..shape.len() - 1];
     if *kernels::Dims::of(mask) != *expected {
         let dims: Vec<String> = expected.iter().map(i64::to_string).collect();
@@ -298,8 +297,8 @@ fn check_mask(mask: Option<&Tensor>, inp: &Tensor) -> Result<()> {
             got: mask.kind(),
         });
     }
-    if mask.device() != inp.device() {
-        return Err(MixError::Device { what: "mask", expected: inp.device(), got: mask.device() });
+    if mask.device() != device {
+        return Err(MixError::Device { what: "mask", expected: device, got: mask.device() });
     }
     Ok(())
 }

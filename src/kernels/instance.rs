@@ -29,7 +29,11 @@ pub(crate) fn instance(
     mixed: Option<&mut Tensor>,
     importance: Option<&mut Tensor>,
 ) -> Result<bool> {
-    if !applies(&[x, weight]) || bias.is_some_and(|b| !applies(&[x, b])) {
+    let applies = match bias {
+        Some(bias) => applies(&[x, weight, bias]),
+        None => applies(&[x, weight]),
+    };
+    if !applies {
         return Ok(false);
     }
     let (n, f, d) = shape;

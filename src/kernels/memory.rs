@@ -117,7 +117,7 @@ pub(crate) enum Dims {
 }
 
 impl Dims {
-    /// The sizes of `t`, which must be defined (as `Tensor::size` requires).
+    /// The sizes of `t`: for an undefined tensor, what `Tensor::size` reports for it.
     pub(crate) fn of(t: &Tensor) -> Self {
         let c_tensor = t.as_ptr() as *mut torch_sys::C_tensor;
         // SAFETY: `c_tensor` is `t`'s live handle; `at_dim` only reads its number of dimensions.
