@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tch::{Kind, Tensor};
 
 use super::gemm::{Linear, Sizes};
-use super::math::{dot, dot4, hides_all, softmax, weighted_rows, Element};
+use super::math::{dot, dot4, hides_all, softmax, weighted_rows, wide, Element};
 use super::memory::{prefetch, split_planes, Views};
 use super::team::{self, Kernel};
 use super::{applies, dispatch, Scratch, Shape};
@@ -106,7 +106,11 @@ impl<'a, T: Element> Kernel for Cross<'a, T> {
                 prefetch(next.map(|next| &next[feature * d..(feature + 1) * d]));
                 for h in (0..fours).step_by(4) {
                     let u = std::array::from_fn(|k| &self.u[(h + k) * d..(h + k + 1) * d]);
-                    for (k, score) in dot4::<T, FMA>(xf, u).into_iter().enumerate() {
+                    let scores = match wide::<T, REGS32>() {
+                        true => dot4::<T, FMA, 16>(xf, u),
+                        false => dot4::<T, FMA, 8>(xf, u),
+                    };
+                    for (k, score) in scores.into_iter().enumerate() {
                         rows[(h + k) * f + feature] = score;
                     }
                 }

@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use tch::Tensor;
 
-use super::math::{dot, dot4, dot4x2, dot4x4, softmax, weighted_rows, Element};
+use super::math::{dot, dot4, dot4x2, dot4x4, hsum, softmax, weighted_rows, wide, Element};
 use super::memory::{split_planes, Views};
 use super::team::{self, Kernel};
 use super::{applies, dispatch, Shape};
@@ -106,10 +106,21 @@ impl<'a, T: Element> Kernel for Instance<'a, T> {
     type Part = (Vec<&'a mut [T]>, &'a mut [T]);
 
     #[inline(always)]
-    fn run<const FMA: bool, const REGS32: bool>(
+    fn run<const FMA: bool, const REGS32: bool>(&self, range: Range<usize>, part: Self::Part) {
+        match wide::<T, REGS32>() {
+            true => self.run_in::<FMA, REGS32, 16>(range, part),
+            false => self.run_in::<FMA, REGS32, 8>(range, part),
+        }
+    }
+}
+
+impl<'a, T: Element> Instance<'a, T> {
+    /// [`Kernel::run`] with chains of sums `L` lanes wide (see [`wide`]).
+    #[inline(always)]
+    fn run_in<const FMA: bool, const REGS32: bool, const L: usize>(
         &self,
         range: Range<usize>,
-        (mut mixed, importance): Self::Part,
+        (mut mixed, importance): <Self as Kernel>::Part,
     ) {
         let Shape { f, d, .. } = self.shape;
         let fold = if self.fold { T::from_f64(1.0 / f as f64) } else { T::ZERO };
@@ -120,6 +131,8 @@ impl<'a, T: Element> Kernel for Instance<'a, T> {
         // instance.
         let tile = TILE.min(size);
         let mut scores = vec![T::ZERO; 4 * f];
+        // The sums of the four-by-four products in lanes, reduced once after the last tile.
+        let mut lanes = vec![[T::ZERO; L]; if REGS32 { 4 * f } else { 0 }];
         let mut start = range.start;
         while start < range.end {
             let count = (range.end - start).min(4);
@@ -129,27 +142,25 @@ impl<'a, T: Element> Kernel for Instance<'a, T> {
                     *score = self.b.map_or(T::ZERO, |b| b[g]);
                 }
             }
+            lanes.iter_mut().for_each(|lanes| *lanes = [T::ZERO; L]);
             for t in (0..size).step_by(tile) {
                 let end = (t + tile).min(size);
+                let rows = |g: usize| &self.w[g * size + t..g * size + end];
+                let xs = |j: usize| &x[j * size + t..j * size + end];
                 // Four rows of the projection at a time where 16 sums fit in registers with
                 // the loads (32 registers), else two.
                 let mut g = 0;
                 while REGS32 && count == 4 && g + 4 <= f {
-                    let w =
-                        std::array::from_fn(|i| &self.w[(g + i) * size + t..(g + i) * size + end]);
-                    let xs = std::array::from_fn(|j| &x[j * size + t..j * size + end]);
-                    for (j, partials) in dot4x4::<T, FMA>(w, xs).into_iter().enumerate() {
-                        scores[j * f + g..j * f + g + 4]
-                            .iter_mut()
-                            .zip(partials)
-                            .for_each(|(s, p)| *s += p);
+                    let w = std::array::from_fn(|i| rows(g + i));
+                    let sums = dot4x4::<T, FMA, L>(w, std::array::from_fn(xs));
+                    for (j, sums) in sums.iter().enumerate() {
+                        add_lanes(&mut lanes[j * f + g..j * f + g + 4], sums);
                     }
                     g += 4;
                 }
                 while count == 4 && g + 2 <= f {
-                    let w = [g, g + 1].map(|g| &self.w[g * size + t..g * size + end]);
-                    let xs = std::array::from_fn(|j| &x[j * size + t..j * size + end]);
-                    for (j, partials) in dot4x2::<T, FMA>(w, xs).into_iter().enumerate() {
+                    let sums = dot4x2::<T, FMA>([rows(g), rows(g + 1)], std::array::from_fn(xs));
+                    for (j, partials) in sums.into_iter().enumerate() {
                         scores[j * f + g] += partials[0];
                         scores[j * f + g + 1] += partials[1];
                     }
@@ -158,10 +169,9 @@ impl<'a, T: Element> Kernel for Instance<'a, T> {
                 // Fewer than four instances: four rows of the projection with each, the
                 // instance's tile read once for the four.
                 while count < 4 && g + 4 <= f {
-                    let w =
-                        std::array::from_fn(|i| &self.w[(g + i) * size + t..(g + i) * size + end]);
-                    for (j, x) in x.chunks_exact(size).enumerate() {
-                        let partials = dot4::<T, FMA>(&x[t..end], w);
+                    let w = std::array::from_fn(|i| rows(g + i));
+                    for j in 0..count {
+                        let partials = dot4::<T, FMA, L>(xs(j), w);
                         scores[j * f + g..j * f + g + 4]
                             .iter_mut()
                             .zip(partials)
@@ -169,19 +179,21 @@ impl<'a, T: Element> Kernel for Instance<'a, T> {
                     }
                     g += 4;
                 }
-                for (g, w) in self.w.chunks_exact(size).enumerate().skip(g) {
-                    let w = &w[t..end];
+                for g in g..f {
                     if count == 4 {
-                        let xs = std::array::from_fn(|j| &x[j * size + t..j * size + end]);
-                        for (j, partial) in dot4::<T, FMA>(w, xs).into_iter().enumerate() {
+                        let sums = dot4::<T, FMA, L>(rows(g), std::array::from_fn(xs));
+                        for (j, partial) in sums.into_iter().enumerate() {
                             scores[j * f + g] += partial;
                         }
                     } else {
-                        for (j, x) in x.chunks_exact(size).enumerate() {
-                            scores[j * f + g] += dot::<T, FMA>(w, &x[t..end]);
+                        for j in 0..count {
+                            scores[j * f + g] += dot::<T, FMA>(rows(g), xs(j));
                         }
                     }
                 }
+            }
+            for (score, lanes) in scores.iter_mut().zip(&lanes).take(count * f) {
+                *score += hsum(*lanes);
             }
             let instances = scores.chunks_exact_mut(f).zip(x.chunks_exact(size));
             for (k, (weights, x)) in instances.enumerate() {
@@ -197,5 +209,13 @@ impl<'a, T: Element> Kernel for Instance<'a, T> {
             }
             start += count;
         }
+    }
+}
+
+/// Adds each of `sums`' lanes to `lanes`'.
+#[inline(always)]
+fn add_lanes<T: Element, const L: usize>(lanes: &mut [[T; L]], sums: &[[T; L]]) {
+    for (lanes, sums) in lanes.iter_mut().zip(sums) {
+        lanes.iter_mut().zip(sums).for_each(|(l, &s)| *l += s);
     }
 }

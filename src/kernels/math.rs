@@ -98,6 +98,28 @@ impl Element for f64 {
     }
 }
 
+/// Whether the kernels' chains of sums take 16 lanes of `T` rather than 8: for f32 in the builds
+/// with AVX-512 (`REGS32`), where 16 lanes fill one register (8 fill half of it). f64's 8 lanes
+/// fill one AVX-512 register already.
+#[inline(always)]
+pub(crate) fn wide<T: Element, const REGS32: bool>() -> bool {
+    REGS32 && std::mem::size_of::<T>() == 4
+}
+
+/// The sum of the `L` lanes of `v` (a power of two), halves added pairwise: shuffles and vector
+/// adds, where a running sum would be `L` dependent scalar adds.
+#[inline(always)]
+pub(crate) fn hsum<T: Element, const L: usize>(mut v: [T; L]) -> T {
+    let mut width = L / 2;
+    while width > 0 {
+        for l in 0..width {
+            v[l] += v[l + width];
+        }
+        width /= 2;
+    }
+    v[0]
+}
+
 /// `sum_i a[i] b[i]`, in four independent 8-lane partial sums, small enough for the compiler to
 /// keep in vector registers.
 #[inline(always)]
@@ -117,31 +139,30 @@ pub(crate) fn dot<T: Element, const FMA: bool>(a: &[T], b: &[T]) -> T {
     for (a, b) in a_tail.iter().zip(b_tail) {
         sum += *a * *b;
     }
-    for l in 0..8 {
-        sum += (s0[l] + s1[l]) + (s2[l] + s3[l]);
-    }
+    sum += hsum(std::array::from_fn::<T, 8, _>(|l| (s0[l] + s1[l]) + (s2[l] + s3[l])));
     sum
 }
 
 /// `[w . x[0], .., w . x[3]]`: [`dot`] of one vector with four, `w` read once for all four,
-/// in eight independent chains of sums.
+/// in eight independent chains of sums of `L` lanes each (one vector register: see [`wide`]).
 #[inline(always)]
-pub(crate) fn dot4<T: Element, const FMA: bool>(w: &[T], x: [&[T]; 4]) -> [T; 4] {
-    let (mut s0, mut s1, mut s2, mut s3) = ([T::ZERO; 8], [T::ZERO; 8], [T::ZERO; 8], [T::ZERO; 8]);
-    let (mut t0, mut t1, mut t2, mut t3) = ([T::ZERO; 8], [T::ZERO; 8], [T::ZERO; 8], [T::ZERO; 8]);
-    let n = w.len() / 16 * 16;
+pub(crate) fn dot4<T: Element, const FMA: bool, const L: usize>(w: &[T], x: [&[T]; 4]) -> [T; 4] {
+    let z = [T::ZERO; L];
+    let ([mut s0, mut s1, mut s2, mut s3], [mut t0, mut t1, mut t2, mut t3]) = ([z; 4], [z; 4]);
+    let n = w.len() / (2 * L) * (2 * L);
     let [x0, x1, x2, x3] = x.map(|x| &x[..n]);
-    let chunks = w[..n].chunks_exact(16).zip(x0.chunks_exact(16)).zip(x1.chunks_exact(16));
-    for (((w, a), b), (c, e)) in chunks.zip(x2.chunks_exact(16).zip(x3.chunks_exact(16))) {
-        for l in 0..8 {
+    let chunks = w[..n].chunks_exact(2 * L).zip(x0.chunks_exact(2 * L)).zip(x1.chunks_exact(2 * L));
+    let rest = x2.chunks_exact(2 * L).zip(x3.chunks_exact(2 * L));
+    for (((w, a), b), (c, e)) in chunks.zip(rest) {
+        for l in 0..L {
             s0[l] = madd::<T, FMA>(s0[l], w[l], a[l]);
             s1[l] = madd::<T, FMA>(s1[l], w[l], b[l]);
             s2[l] = madd::<T, FMA>(s2[l], w[l], c[l]);
             s3[l] = madd::<T, FMA>(s3[l], w[l], e[l]);
-            t0[l] = madd::<T, FMA>(t0[l], w[8 + l], a[8 + l]);
-            t1[l] = madd::<T, FMA>(t1[l], w[8 + l], b[8 + l]);
-            t2[l] = madd::<T, FMA>(t2[l], w[8 + l], c[8 + l]);
-            t3[l] = madd::<T, FMA>(t3[l], w[8 + l], e[8 + l]);
+            t0[l] = madd::<T, FMA>(t0[l], w[L + l], a[L + l]);
+            t1[l] = madd::<T, FMA>(t1[l], w[L + l], b[L + l]);
+            t2[l] = madd::<T, FMA>(t2[l], w[L + l], c[L + l]);
+            t3[l] = madd::<T, FMA>(t3[l], w[L + l], e[L + l]);
         }
     }
     let mut sums = [T::ZERO; 4];
@@ -149,9 +170,7 @@ pub(crate) fn dot4<T: Element, const FMA: bool>(w: &[T], x: [&[T]; 4]) -> [T; 4]
         for (&w, &x) in w[n..].iter().zip(&x[j][n..]) {
             sums[j] += w * x;
         }
-        for l in 0..8 {
-            sums[j] += s[l] + t[l];
-        }
+        sums[j] += hsum(std::array::from_fn::<T, L, _>(|l| s[l] + t[l]));
     }
     sums
 }
@@ -188,29 +207,34 @@ pub(crate) fn dot4x2<T: Element, const FMA: bool>(w: [&[T]; 2], x: [&[T]; 4]) ->
             for (&w, &x) in w[r][n..].iter().zip(&x[j][n..]) {
                 *sum += w * x;
             }
-            for &partial in acc {
-                *sum += partial;
-            }
+            *sum += hsum(*acc);
         }
     }
     sums
 }
 
-/// `[[w[i] . x[j] for i in 0..4] for j in 0..4]`: four vectors with four, each read once, in
-/// sixteen independent chains of sums: eight loads per sixteen multiply-adds. The sums and the
+/// `[[w[i] . x[j] for i in 0..4] for j in 0..4]` in `L` lanes each (the sum of whose
+/// lanes, [`hsum`], is the dot product), so that a caller that sums tiles reduces the lanes
+/// once: four vectors with four, each read once, in sixteen independent chains of sums: eight loads per sixteen multiply-adds. The sums and the
 /// loads need 24 vector registers: for the builds with 32 (AVX-512VL) only.
 #[inline(always)]
-pub(crate) fn dot4x4<T: Element, const FMA: bool>(w: [&[T]; 4], x: [&[T]; 4]) -> [[T; 4]; 4] {
-    let n = w[0].len() / 8 * 8;
+pub(crate) fn dot4x4<T: Element, const FMA: bool, const L: usize>(
+    w: [&[T]; 4],
+    x: [&[T]; 4],
+) -> [[[T; L]; 4]; 4] {
+    let n = w[0].len() / L * L;
     let ([w0, w1, w2, w3], [x0, x1, x2, x3]) = (w.map(|w| &w[..n]), x.map(|x| &x[..n]));
-    let (ws, xs) = (pairs(w0, w1).zip(pairs(w2, w3)), pairs(x0, x1).zip(pairs(x2, x3)));
+    let (ws, xs) = (
+        pairs::<T, L>(w0, w1).zip(pairs::<T, L>(w2, w3)),
+        pairs::<T, L>(x0, x1).zip(pairs::<T, L>(x2, x3)),
+    );
     // Named accumulators, each one register: indexing an array of them by a loop variable
     // would keep them in memory.
-    let z = [T::ZERO; 8];
+    let z = [T::ZERO; L];
     let ([mut a0, mut a1, mut a2, mut a3], [mut b0, mut b1, mut b2, mut b3]) = ([z; 4], [z; 4]);
     let ([mut c0, mut c1, mut c2, mut c3], [mut d0, mut d1, mut d2, mut d3]) = ([z; 4], [z; 4]);
     for (((u, v), (y, z)), ((p, q), (r, s))) in ws.zip(xs) {
-        for l in 0..8 {
+        for l in 0..L {
             a0[l] = madd::<T, FMA>(a0[l], u[l], p[l]);
             a1[l] = madd::<T, FMA>(a1[l], v[l], p[l]);
             a2[l] = madd::<T, FMA>(a2[l], y[l], p[l]);
@@ -229,25 +253,31 @@ pub(crate) fn dot4x4<T: Element, const FMA: bool>(w: [&[T]; 4], x: [&[T]; 4]) ->
             d3[l] = madd::<T, FMA>(d3[l], z[l], s[l]);
         }
     }
-    let acc = [[a0, a1, a2, a3], [b0, b1, b2, b3], [c0, c1, c2, c3], [d0, d1, d2, d3]];
-    let mut sums = [[T::ZERO; 4]; 4];
-    for (j, (sums, acc)) in sums.iter_mut().zip(&acc).enumerate() {
-        for (i, (sum, acc)) in sums.iter_mut().zip(acc).enumerate() {
-            for (&w, &x) in w[i][n..].iter().zip(&x[j][n..]) {
-                *sum += w * x;
-            }
-            for &partial in acc {
-                *sum += partial;
-            }
+    let mut acc = [[a0, a1, a2, a3], [b0, b1, b2, b3], [c0, c1, c2, c3], [d0, d1, d2, d3]];
+    for (j, acc) in acc.iter_mut().enumerate() {
+        for (i, acc) in acc.iter_mut().enumerate() {
+            fold_tail::<T, FMA, L>(acc, &w[i][n..], &x[j][n..]);
         }
     }
-    sums
+    acc
 }
 
-/// The 8-element chunks of `a` and `b`, side by side.
+/// Adds `w[l] x[l]` to lane `l` of `acc`: the tail of a dot product, shorter than `L`, folded
+/// into its lanes.
 #[inline(always)]
-fn pairs<'a, T>(a: &'a [T], b: &'a [T]) -> impl Iterator<Item = (&'a [T], &'a [T])> {
-    a.chunks_exact(8).zip(b.chunks_exact(8))
+fn fold_tail<T: Element, const FMA: bool, const L: usize>(acc: &mut [T; L], w: &[T], x: &[T]) {
+    for ((acc, &w), &x) in acc.iter_mut().zip(w).zip(x) {
+        *acc = madd::<T, FMA>(*acc, w, x);
+    }
+}
+
+/// The `L`-element chunks of `a` and `b`, side by side.
+#[inline(always)]
+fn pairs<'a, T, const L: usize>(
+    a: &'a [T],
+    b: &'a [T],
+) -> impl Iterator<Item = (&'a [T], &'a [T])> {
+    a.chunks_exact(L).zip(b.chunks_exact(L))
 }
 
 /// `acc + a b`: one fused multiply-add where `FMA` (the builds for processors that have it),
@@ -421,5 +451,64 @@ mod tests {
         assert_eq!(exp_f32(100.0), f32::INFINITY);
         assert!(exp_f32(f32::NAN).is_nan());
         assert_eq!(exp_f32(0.0), 1.0);
+    }
+
+    /// `dot`, `dot4`, `dot4x2` and `dot4x4` (its lanes summed by `hsum`) at 8 and 16 lanes, for
+    /// lengths on and off the chunks' multiples, within the rounding any order of sums allows:
+    /// `|got - exact| <= gamma(n + 1) sum |w x|`, with the exact sum in f64. One dropped or
+    /// doubled term is far outside it.
+    #[test]
+    fn dot_products_at_every_width_are_within_rounding() {
+        let seed = 0x5eed_u64;
+        println!("seed {seed}");
+        let mut state = seed;
+        let mut draw = move || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let check = |what: &str, got: f32, w: &[f32], x: &[f32]| {
+            let exact: f64 = w.iter().zip(x).map(|(&w, &x)| w as f64 * x as f64).sum();
+            let magnitude: f64 = w.iter().zip(x).map(|(&w, &x)| (w as f64 * x as f64).abs()).sum();
+            let nu = (w.len() + 1) as f64 * f64::from(f32::EPSILON) / 2.0;
+            let bound = nu / (1.0 - nu) * magnitude;
+            let off = (got as f64 - exact).abs();
+            assert!(
+                off <= bound,
+                "{what} (length {}): {off:.1e} off, {bound:.1e} allowed",
+                w.len()
+            );
+        };
+        for len in [0, 1, 7, 8, 15, 16, 17, 31, 32, 33, 100, 1024, 1031] {
+            let mut vector = || (0..len).map(|_| draw()).collect::<Vec<f32>>();
+            let w: [Vec<f32>; 4] = std::array::from_fn(|_| vector());
+            let x: [Vec<f32>; 4] = std::array::from_fn(|_| vector());
+            let (w, x) = (w.each_ref().map(|w| &w[..]), x.each_ref().map(|x| &x[..]));
+            check("dot", dot::<f32, true>(w[0], x[0]), w[0], x[0]);
+            for (j, &got) in dot4::<f32, true, 8>(w[0], x).iter().enumerate() {
+                check("dot4 at 8 lanes", got, w[0], x[j]);
+            }
+            for (j, &got) in dot4::<f32, false, 16>(w[0], x).iter().enumerate() {
+                check("dot4 at 16 lanes", got, w[0], x[j]);
+            }
+            for (j, sums) in dot4x2::<f32, true>([w[0], w[1]], x).iter().enumerate() {
+                for (i, &got) in sums.iter().enumerate() {
+                    check("dot4x2", got, w[i], x[j]);
+                }
+            }
+            for (j, lanes) in dot4x4::<f32, true, 8>(w, x).iter().enumerate() {
+                for (i, &lanes) in lanes.iter().enumerate() {
+                    check("dot4x4 at 8 lanes", hsum(lanes), w[i], x[j]);
+                }
+            }
+            for (j, lanes) in dot4x4::<f32, false, 16>(w, x).iter().enumerate() {
+                for (i, &lanes) in lanes.iter().enumerate() {
+                    check("dot4x4 at 16 lanes", hsum(lanes), w[i], x[j]);
+                }
+            }
+        }
+        let lanes: [f32; 16] = std::array::from_fn(|l| (1 << l) as f32);
+        assert_eq!(hsum(lanes), 65_535.0);
     }
 }
