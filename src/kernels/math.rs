@@ -110,6 +110,7 @@ pub(crate) fn wide<T: Element, const REGS32: bool>() -> bool {
 /// adds, where a running sum would be `L` dependent scalar adds.
 #[inline(always)]
 pub(crate) fn hsum<T: Element, const L: usize>(mut v: [T; L]) -> T {
+    debug_assert!(L.is_power_of_two(), "{L} lanes");
     let mut width = L / 2;
     while width > 0 {
         for l in 0..width {
@@ -213,10 +214,11 @@ pub(crate) fn dot4x2<T: Element, const FMA: bool>(w: [&[T]; 2], x: [&[T]; 4]) ->
     sums
 }
 
-/// `[[w[i] . x[j] for i in 0..4] for j in 0..4]` in `L` lanes each (the sum of whose
-/// lanes, [`hsum`], is the dot product), so that a caller that sums tiles reduces the lanes
-/// once: four vectors with four, each read once, in sixteen independent chains of sums: eight loads per sixteen multiply-adds. The sums and the
-/// loads need 24 vector registers: for the builds with 32 (AVX-512VL) only.
+/// `[[w[i] . x[j] for i in 0..4] for j in 0..4]` in `L` lanes each (the sum of whose lanes,
+/// [`hsum`], is the dot product), so that a caller that sums tiles reduces the lanes once: four
+/// vectors with four, each read once, in sixteen independent chains of sums, eight loads per
+/// sixteen multiply-adds. The sums and the loads need 24 vector registers: for the builds with
+/// 32 (AVX-512VL) only.
 #[inline(always)]
 pub(crate) fn dot4x4<T: Element, const FMA: bool, const L: usize>(
     w: [&[T]; 4],
