@@ -3,21 +3,21 @@
 //! queries and keys of a few instances, the value and output projections of a pooled batch).
 //!
 //! The weights are packed when the attention mixers derive their cached tensors: in panels of
-//! [`PANEL`] columns of `W^T`, each followed by its bias, so that a tile of `R x PANEL` outputs
-//! is `R` rows of the input times one panel read front to back, its partial sums in `2 R`
-//! vector registers.
+//! [`PANEL`] columns of `W^T`, each followed by its bias, so that a tile of `R x Q PANEL`
+//! outputs is `R` rows of the input times `Q` panels read front to back, its partial sums in
+//! vector registers (`R Q` AVX-512 registers of f32, or `2 R Q` AVX2 registers).
 
 use std::ops::Range;
 
 use tch::{Device, Tensor};
 
-use super::math::{madd, Element};
+use super::math::{madd, wide, Element};
 use super::memory::Views;
 use super::team::{self, Kernel};
 use super::{applies, dispatch};
 use crate::error::{MixError, Result};
 
-/// Columns of `W^T` per packed panel: two AVX registers of f32.
+/// Columns of `W^T` per packed panel: two AVX registers of f32, one AVX-512 register.
 const PANEL: usize = 16;
 
 /// Packs `B` blocks of weights `weights` `(B, n, K)`, with their biases `(B, n)` or none, for
@@ -136,53 +136,97 @@ impl<'a, T: Element> Kernel for Linear<'a, T> {
     fn run<const FMA: bool, const REGS32: bool>(&self, range: Range<usize>, out: Self::Part) {
         let Sizes { m, k, n, blocks, panels } = self.sizes;
         let width = blocks * n;
-        // Rows per tile: two registers of partial sums per row of f32, four per row of f64,
-        // eight registers in all (as many independent sums as the multiply-add units overlap).
-        let rows = if std::mem::size_of::<T>() == 4 { 4 } else { 2 };
-        // The tile's rows of the input interleaved (`K x R`), so that the tile reads them in
-        // the order it reads its panel.
-        let mut tile_x = vec![T::ZERO; k * rows];
+        // Rows per group: two registers of partial sums per row of f32 in the AVX2 build, four
+        // per row of f64, eight registers in all (as many independent sums as the multiply-add
+        // units overlap). A tile is one group, or two of f32 in the AVX-512 build, whose eight
+        // rows take two panels at a time in sixteen registers: each panel is read once per
+        // eight rows.
+        let group = if std::mem::size_of::<T>() == 4 { 4 } else { 2 };
+        let groups = if wide::<T, REGS32>() { 2 } else { 1 };
+        // Each group's rows of the input interleaved (`K x R`), so that a tile reads them in
+        // the order it reads its panels.
+        let mut tile_x = vec![T::ZERO; k * (group * groups).min(range.len())];
         let panel_len = (k + 1) * PANEL;
-        for start in range.clone().step_by(rows) {
-            let count = (range.end - start).min(rows);
+        for start in range.clone().step_by(group * groups) {
+            let count = (range.end - start).min(group * groups);
+            let counts = |g: usize| count.saturating_sub(g * group).min(group);
             for b in 0..blocks {
                 if b == 0 || !self.shared {
                     let x = if self.shared { self.x } else { &self.x[b * m * k..(b + 1) * m * k] };
                     for r in 0..count {
+                        let (g, c) = (r / group, counts(r / group));
                         let row = &x[(start + r) * k..(start + r + 1) * k];
+                        let tile = &mut tile_x[g * group * k..][..k * c];
                         for (e, &v) in row.iter().enumerate() {
-                            tile_x[e * count + r] = v;
+                            tile[e * c + r % group] = v;
                         }
                     }
                 }
-                let tile_x = &tile_x[..k * count];
-                // One row takes four panels at a time, so that the tile still has several
-                // independent sums. (Two rows of two panels compiled to scalar code, 5x slower
-                // than two rows of one panel: measured at batches 2 and 4 of cross-attention.)
+                let xs = |g: usize| &tile_x[g * group * k..][..k * counts(g)];
+                let panel = |p: usize| &self.w[(b * panels + p) * panel_len..][..panel_len];
+                let place = |g: usize, p: usize| Place {
+                    first: start - range.start + g * group,
+                    start: start + g * group,
+                    width,
+                    column: b * n + p * PANEL,
+                    end: (b + 1) * n,
+                };
                 let mut p = 0;
-                while p < panels {
-                    let q = match (count, panels - p) {
-                        (1, 4..) => 4,
-                        _ => 1,
-                    };
-                    let panel = |i: usize| &self.w[(b * panels + p + i) * panel_len..][..panel_len];
-                    let (first, column, end) =
-                        (start - range.start, b * n + p * PANEL, (b + 1) * n);
-                    let place = Place { first, start, width, column, end };
-                    let (out, add, x) = (&mut *out, self.add, tile_x);
-                    match (count, q) {
-                        (4, _) => place.write(out, add, product::<T, FMA, 4, 1>(x, [panel(0)])),
-                        (3, _) => place.write(out, add, product::<T, FMA, 3, 1>(x, [panel(0)])),
-                        (2, _) => place.write(out, add, product::<T, FMA, 2, 1>(x, [panel(0)])),
-                        (_, 4) => {
-                            let sums = product::<T, FMA, 1, 4>(x, [0, 1, 2, 3].map(panel));
-                            place.write(out, add, sums)
-                        }
-                        _ => place.write(out, add, product::<T, FMA, 1, 1>(x, [panel(0)])),
+                if groups == 2 && count == 2 * group {
+                    while panels - p >= 2 {
+                        let sums = product8x2::<T, FMA>([xs(0), xs(1)], [panel(p), panel(p + 1)]);
+                        place(0, p).write(&mut *out, self.add, sums);
+                        p += 2;
                     }
-                    p += q;
+                }
+                for g in (0..groups).filter(|&g| counts(g) > 0) {
+                    let (x, out) = (xs(g), &mut *out);
+                    self.group::<FMA, REGS32>(x, counts(g), p..panels, panel, |p| place(g, p), out);
                 }
             }
+        }
+    }
+}
+
+impl<T: Element> Linear<'_, T> {
+    /// The panels `panels` of `count` rows of the input (`x`, interleaved), written where
+    /// `place` says: four rows take two panels at a time in the AVX-512 build, one row four,
+    /// other groups one.
+    #[inline(always)]
+    fn group<'w, const FMA: bool, const REGS32: bool>(
+        &self,
+        x: &[T],
+        count: usize,
+        panels: Range<usize>,
+        panel: impl Fn(usize) -> &'w [T],
+        place: impl Fn(usize) -> Place,
+        out: &mut [T],
+    ) where
+        T: 'w,
+    {
+        // (Two rows of two panels, and the generic product of four rows and two panels,
+        // compiled to scalar code, 5x-10x slower than one panel at a time.)
+        let mut p = panels.start;
+        while p < panels.end {
+            let q = match (count, panels.end - p) {
+                (1, 4..) => 4,
+                (4, 2..) if wide::<T, REGS32>() => 2,
+                _ => 1,
+            };
+            let (place, add) = (place(p), self.add);
+            let out = &mut *out;
+            match (count, q) {
+                (4, 2) => place.write(out, add, product4x2::<T, FMA>(x, [panel(p), panel(p + 1)])),
+                (4, _) => place.write(out, add, product::<T, FMA, 4, 1>(x, [panel(p)])),
+                (3, _) => place.write(out, add, product::<T, FMA, 3, 1>(x, [panel(p)])),
+                (2, _) => place.write(out, add, product::<T, FMA, 2, 1>(x, [panel(p)])),
+                (_, 4) => {
+                    let sums = product::<T, FMA, 1, 4>(x, [0, 1, 2, 3].map(|i| panel(p + i)));
+                    place.write(out, add, sums)
+                }
+                _ => place.write(out, add, product::<T, FMA, 1, 1>(x, [panel(p)])),
+            }
+            p += q;
         }
     }
 }
@@ -256,6 +300,82 @@ fn product<T: Element, const FMA: bool, const R: usize, const Q: usize>(
     acc
 }
 
+/// [`product`] of four rows and two panels, in eight chains of 16 lanes, one AVX-512 register
+/// each: for the f32 builds with 32 registers (the generic form of this size compiles to scalar
+/// code, its sums kept in memory).
+#[inline(always)]
+fn product4x2<T: Element, const FMA: bool>(x: &[T], panels: [&[T]; 2]) -> [[[T; PANEL]; 4]; 2] {
+    let k = x.len() / 4;
+    let [p, q] = panels.map(|panel| &panel[..(k + 1) * PANEL]);
+    let (bias_p, bias_q) = (&p[k * PANEL..], &q[k * PANEL..]);
+    let (bias_p, bias_q): (&[T; PANEL], &[T; PANEL]) =
+        (bias_p.try_into().expect("a bias row"), bias_q.try_into().expect("a bias row"));
+    // Named accumulators, each one register: indexing an array of them by a loop variable
+    // would keep them in memory.
+    let ([mut a0, mut a1, mut a2, mut a3], [mut b0, mut b1, mut b2, mut b3]) =
+        ([*bias_p; 4], [*bias_q; 4]);
+    let rows = x.chunks_exact(4).zip(p.chunks_exact(PANEL).zip(q.chunks_exact(PANEL)));
+    for (x, (u, v)) in rows {
+        let (x0, x1, x2, x3) = (x[0], x[1], x[2], x[3]);
+        for l in 0..PANEL {
+            a0[l] = madd::<T, FMA>(a0[l], x0, u[l]);
+            a1[l] = madd::<T, FMA>(a1[l], x1, u[l]);
+            a2[l] = madd::<T, FMA>(a2[l], x2, u[l]);
+            a3[l] = madd::<T, FMA>(a3[l], x3, u[l]);
+            b0[l] = madd::<T, FMA>(b0[l], x0, v[l]);
+            b1[l] = madd::<T, FMA>(b1[l], x1, v[l]);
+            b2[l] = madd::<T, FMA>(b2[l], x2, v[l]);
+            b3[l] = madd::<T, FMA>(b3[l], x3, v[l]);
+        }
+    }
+    [[a0, a1, a2, a3], [b0, b1, b2, b3]]
+}
+
+/// [`product`] of eight rows (two groups of four, each interleaved) and two panels, in sixteen
+/// chains of 16 lanes, one AVX-512 register each: each panel row read once for eight rows.
+#[inline(always)]
+fn product8x2<T: Element, const FMA: bool>(
+    x: [&[T]; 2],
+    panels: [&[T]; 2],
+) -> [[[T; PANEL]; 8]; 2] {
+    let k = x[0].len() / 4;
+    let [p, q] = panels.map(|panel| &panel[..(k + 1) * PANEL]);
+    let (bias_p, bias_q): (&[T; PANEL], &[T; PANEL]) = (
+        p[k * PANEL..].try_into().expect("a bias row"),
+        q[k * PANEL..].try_into().expect("a bias row"),
+    );
+    // Named accumulators, each one register: indexing an array of them by a loop variable
+    // would keep them in memory.
+    let ([mut a0, mut a1, mut a2, mut a3], [mut a4, mut a5, mut a6, mut a7]) =
+        ([*bias_p; 4], [*bias_p; 4]);
+    let ([mut b0, mut b1, mut b2, mut b3], [mut b4, mut b5, mut b6, mut b7]) =
+        ([*bias_q; 4], [*bias_q; 4]);
+    let xs = x[0][..4 * k].chunks_exact(4).zip(x[1][..4 * k].chunks_exact(4));
+    for ((x, y), (u, v)) in xs.zip(p.chunks_exact(PANEL).zip(q.chunks_exact(PANEL))) {
+        let (x0, x1, x2, x3) = (x[0], x[1], x[2], x[3]);
+        let (x4, x5, x6, x7) = (y[0], y[1], y[2], y[3]);
+        for l in 0..PANEL {
+            a0[l] = madd::<T, FMA>(a0[l], x0, u[l]);
+            a1[l] = madd::<T, FMA>(a1[l], x1, u[l]);
+            a2[l] = madd::<T, FMA>(a2[l], x2, u[l]);
+            a3[l] = madd::<T, FMA>(a3[l], x3, u[l]);
+            a4[l] = madd::<T, FMA>(a4[l], x4, u[l]);
+            a5[l] = madd::<T, FMA>(a5[l], x5, u[l]);
+            a6[l] = madd::<T, FMA>(a6[l], x6, u[l]);
+            a7[l] = madd::<T, FMA>(a7[l], x7, u[l]);
+            b0[l] = madd::<T, FMA>(b0[l], x0, v[l]);
+            b1[l] = madd::<T, FMA>(b1[l], x1, v[l]);
+            b2[l] = madd::<T, FMA>(b2[l], x2, v[l]);
+            b3[l] = madd::<T, FMA>(b3[l], x3, v[l]);
+            b4[l] = madd::<T, FMA>(b4[l], x4, v[l]);
+            b5[l] = madd::<T, FMA>(b5[l], x5, v[l]);
+            b6[l] = madd::<T, FMA>(b6[l], x6, v[l]);
+            b7[l] = madd::<T, FMA>(b7[l], x7, v[l]);
+        }
+    }
+    [[a0, a1, a2, a3, a4, a5, a6, a7], [b0, b1, b2, b3, b4, b5, b6, b7]]
+}
+
 #[cfg(test)]
 mod tests {
     use tch::{Device, Kind, Tensor};
@@ -295,7 +415,7 @@ mod tests {
         assert!(worst <= 0.0, "{what}: {worst:.1e} over the rounding bound");
     }
 
-    /// Every shape of tile (1 to 4 rows; one or four panels at a time) and of the last
+    /// Every shape of tile (1 to 8 rows; one, two or four panels at a time) and of the last
     /// panel, shared and per-block inputs, with and without bias and addend, against the exact
     /// product's rounding bound, in f64 and f32.
     #[test]
@@ -305,7 +425,12 @@ mod tests {
         for kind in [Kind::Double, Kind::Float] {
             let shapes =
                 [(1, 1, 1, 1), (5, 7, 3, 2), (16, 33, 40, 2), (9, 64, 16, 3), (1, 8, 70, 1)];
-            for (m, k, n, blocks) in shapes.into_iter().chain([(3, 8, 70, 2), (6, 5, 33, 1)]) {
+            for (m, k, n, blocks) in shapes.into_iter().chain([
+                (3, 8, 70, 2),
+                (6, 5, 33, 1),
+                (7, 20, 17, 1),
+                (23, 9, 16, 2),
+            ]) {
                 let opts = (kind, Device::Cpu);
                 let w = Tensor::randn([blocks, n, k], opts);
                 for bias in [None, Some(Tensor::randn([blocks, n], opts))] {
